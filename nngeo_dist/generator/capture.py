@@ -1,0 +1,205 @@
+"""One minibatch through the model: each layer's input, and the gradients of every output
+function w.r.t. each layer's output.
+
+This is the Goodfellow (2015) route the paper describes: PyTorch's own autograd runs the
+backward pass; we only intercept what enters each layer (``a``) and the gradients w.r.t.
+what leaves it (``g``). All ``K`` output functions are back-propagated in one vectorised
+backward (``is_grads_batched``), falling back to one backward per output where an op has
+no batching rule.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("nngeo_dist.generator")
+
+
+class NonFiniteOutputError(FloatingPointError):
+    pass
+
+
+@dataclass
+class Captured:
+    """What one minibatch left: ``out`` (N, K) outputs, per-layer inputs and output grads.
+
+    ``inputs[name]``: (N, *in); ``grads[name]``: (K, N, *out), output-function-major.
+    """
+
+    out: Tensor
+    inputs: dict
+    grads: dict
+    k_total: int
+
+    @property
+    def n(self) -> int:
+        return self.out.shape[0]
+
+
+class LayerRecorder:
+    """Forward hooks on the collection's modules recording inputs and outputs.
+
+    A module called more than once in a forward pass (tied weights, recurrent use) is
+    refused: per-layer kernels assume one call. If a recorded output is later modified
+    in place (e.g. ``ReLU(inplace=True)``), the forward is re-run with outputs cloned, so
+    the gradients we read are those of the value the layer produced.
+    """
+
+    def __init__(self, l_to_m: dict, maths: dict):
+        self.l_to_m = l_to_m
+        self.maths = maths
+        self.clone_outputs = False
+        self._handles = []
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self.versions: dict = {}
+
+    def __enter__(self):
+        for name, mod in self.l_to_m.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self):
+        self.inputs, self.outputs, self.versions = {}, {}, {}
+
+    def _hook(self, name):
+        def hook(mod, inp, out):
+            if name in self.outputs:
+                raise RuntimeError(
+                    f"module '{name}' was called twice in one forward pass (shared or "
+                    "recurrent use): per-layer representations cannot split its gradient; "
+                    "use PMatImplicit, or a LayerCollection without this module"
+                )
+            self.maths[name].check_capture(mod, name)
+            if self.clone_outputs:
+                self.inputs[name] = inp[0].detach().clone()
+                self.outputs[name] = out
+                return out.clone()
+            self.inputs[name] = inp[0].detach()
+            self.outputs[name] = out
+            self.versions[name] = (inp[0]._version, out._version)
+
+        return hook
+
+    def modified_in_place(self) -> list:
+        return [
+            n for n, o in self.outputs.items()
+            if n in self.versions and (self.inputs[n]._version, o._version) != self.versions[n]
+        ]
+
+
+def _check_finite(out: Tensor) -> None:
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).any(dim=-1).nonzero().flatten()[:5].tolist()
+        raise NonFiniteOutputError(
+            f"the model's outputs contain NaN or Inf (examples {bad} of this batch): check "
+            "the inputs and the weights, or lower the learning rate that produced them"
+        )
+
+
+def _output_grads(out: Tensor, tensors: Sequence[Tensor], ks: range, batched: bool) -> list:
+    """Gradients of out[:, k] (summed over examples) w.r.t. each tensor, for k in ks.
+
+    Returns, per tensor, a (len(ks), *tensor.shape) tensor.
+    """
+    N, K = out.shape
+    eye = torch.zeros(len(ks), N, K, dtype=out.dtype, device=out.device)
+    for j, k in enumerate(ks):
+        eye[j, :, k] = 1
+    if batched:
+        gs = torch.autograd.grad(
+            out, tensors, grad_outputs=eye, is_grads_batched=True,
+            retain_graph=True, allow_unused=True,
+        )
+        return [torch.zeros((len(ks),) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+                for g, t in zip(gs, tensors)]
+    per_k = [
+        torch.autograd.grad(out, tensors, grad_outputs=eye[j], retain_graph=True, allow_unused=True)
+        for j in range(len(ks))
+    ]
+    return [
+        torch.stack([torch.zeros_like(t) if pk[i] is None else pk[i] for pk in per_k])
+        for i, t in enumerate(tensors)
+    ]
+
+
+class Capturer:
+    """Runs ``function(*batch)`` and captures per-layer inputs and output gradients.
+
+    ``function`` returns (N, K). ``max_outputs`` bounds how many output functions are
+    back-propagated together (memory is K x the layers' activations).
+    """
+
+    def __init__(self, model: nn.Module, function: Callable, layer_collection, max_outputs: Optional[int] = None):
+        self.model = model
+        self.function = function
+        self.layer_collection = layer_collection
+        self.l_to_m, _ = layer_collection.get_layerid_module_maps(model)
+        self.maths = {n: l.math for n, l in layer_collection.layers.items()}
+        self.max_outputs = max_outputs
+        self._batched = True
+
+    def forward(self, batch: Sequence) -> tuple[Tensor, LayerRecorder]:
+        rec = LayerRecorder(self.l_to_m, self.maths)
+        with rec:
+            out = self._run(batch, rec)
+            stale = rec.modified_in_place()
+            if stale:
+                log.info("outputs of %s are modified in place downstream; re-running with copies", stale)
+                rec.clone_outputs = True
+                rec.reset()
+                out = self._run(batch, rec)
+        return out, rec
+
+    def _run(self, batch, rec):
+        with torch.enable_grad():
+            out = self.function(*batch)
+        if out.dim() == 1:
+            out = out.unsqueeze(1)
+        if out.dim() != 2:
+            raise ValueError(
+                f"the function returned a tensor of shape {tuple(out.shape)}; it must return "
+                "(batch, n_output): flatten extra dimensions in your function"
+            )
+        _check_finite(out)
+        missing = [n for n in self.l_to_m if n not in rec.outputs]
+        if missing and not out.requires_grad:
+            raise RuntimeError("the function's output does not depend on any parameter")
+        return out
+
+    def capture(self, batch: Sequence) -> "Iterator[tuple[range, Captured]]":
+        """Yield (output slice, Captured) for chunks of at most ``max_outputs`` outputs."""
+        out, rec = self.forward(batch)
+        names = [n for n in self.l_to_m if n in rec.outputs]
+        K = out.shape[1]
+        step = self.max_outputs or K
+        tensors = [rec.outputs[n] for n in names]
+        for k0 in range(0, K, step):
+            ks = range(k0, min(K, k0 + step))
+            grads = self._grads(out, tensors, ks)
+            g = {n: gr for n, gr in zip(names, grads)}
+            for n in self.l_to_m:  # a layer the function did not reach contributes zeros
+                if n not in g:
+                    raise RuntimeError(
+                        f"layer '{n}' of the collection was not called by the function; "
+                        "build the LayerCollection from the layers the function uses"
+                    )
+            yield ks, Captured(out.detach()[:, ks.start:ks.stop], rec.inputs, g, K)
+
+    def _grads(self, out, tensors, ks):
+        if self._batched:
+            try:
+                return _output_grads(out, tensors, ks, batched=True)
+            except (RuntimeError, NotImplementedError) as e:  # an op without a batching rule
+                log.info("vectorised backward unavailable (%s); one backward per output", e)
+                self._batched = False
+        return _output_grads(out, tensors, ks, batched=False)

@@ -1,0 +1,52 @@
+"""Forward- and reverse-mode products through ``function`` with the collection's
+parameters as explicit inputs (``torch.func``), for the implicit operators.
+
+``J v`` for all outputs costs one forward-mode pass; ``J^T u`` one backward pass. Neither
+forms a per-example gradient, and a module used several times (tied weights) is handled
+as autograd handles it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+
+class _AsModule(nn.Module):
+    """Lets ``functional_call`` swap the parameters that ``function`` reads from ``model``."""
+
+    def __init__(self, model: nn.Module, function: Callable):
+        super().__init__()
+        self.model = model
+        self.function = function
+
+    def forward(self, *batch):
+        return self.function(*batch)
+
+
+class FunctionalModel:
+    """``f(params, batch) -> (N, K)`` with ``params`` the collection's parameters in flat order."""
+
+    def __init__(self, model: nn.Module, function: Callable, layer_collection):
+        self.wrapper = _AsModule(model, function)
+        named = layer_collection.named_parameters(model)
+        self.names = ["model." + n for n, _ in named]
+        self.params = [p for _, p in named]
+
+    def __call__(self, params: Sequence[Tensor], batch: Sequence) -> Tensor:
+        out = functional_call(self.wrapper, dict(zip(self.names, params)), tuple(batch), strict=False)
+        return out.unsqueeze(1) if out.dim() == 1 else out
+
+    def jvp(self, batch: Sequence, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """(f, J v), each (N, K); ``tangents`` shaped like the parameters."""
+        primals = tuple(p.detach() for p in self.params)
+        return jvp(lambda *ps: self(ps, batch), primals, tuple(tangents))
+
+    def vjp(self, batch: Sequence, cotangent: Tensor) -> list[Tensor]:
+        """J^T u summed over the batch, shaped like the parameters; ``cotangent`` (N, K)."""
+        params = [p.detach().requires_grad_(True) for p in self.params]
+        with torch.enable_grad():
+            out = self(params, batch)
+        return list(torch.autograd.grad(out, params, grad_outputs=cotangent, allow_unused=True))

@@ -1,0 +1,218 @@
+"""Model + data -> numbers. One pass over a loader (a shard of the data) per statistic.
+
+Every ``*_statistics`` method returns a :class:`Statistics` of sums over the examples it
+saw, with tensors of the right shapes even when the loader is empty (an empty shard on one
+rank must still take part in the reduction).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capturer
+from .functional import FunctionalModel
+from .statistics import Statistics
+
+log = logging.getLogger("nngeo_dist.generator")
+
+
+def _to_device(batch, device) -> tuple:
+    if isinstance(batch, Tensor):
+        batch = (batch,)
+    return tuple(t.to(device) if isinstance(t, Tensor) else t for t in batch)
+
+
+def default_function(model: nn.Module) -> Callable:
+    def function(*batch):
+        return model(batch[0])
+
+    return function
+
+
+class Generator:
+    """Computes per-example quantities of ``function(*batch) -> (N, K)`` w.r.t. the
+    parameters of ``layer_collection`` (all supported layers of ``model`` by default)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        function: Optional[Callable] = None,
+        layer_collection=None,
+        n_output: Optional[int] = None,
+        max_outputs: Optional[int] = None,
+        progress: Optional[bool] = None,
+    ):
+        from ..layercollection import LayerCollection
+
+        self.model = model
+        self.function = function or default_function(model)
+        self.layer_collection = layer_collection or LayerCollection.from_model(model)
+        if self.layer_collection.numel() == 0:
+            raise ValueError("the layer collection holds no parameter")
+        self.n_output = n_output
+        self.capturer = Capturer(model, self.function, self.layer_collection, max_outputs)
+        self.functional = FunctionalModel(model, self.function, self.layer_collection)
+        self.l_to_m = self.capturer.l_to_m
+        self.progress = progress
+        params = self.layer_collection.parameters(model)
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+
+    # iteration ------------------------------------------------------------------------
+    def batches(self, loader: Iterable, desc: str = "") -> Iterable[tuple]:
+        it = loader
+        if self.progress or (self.progress is None and _is_rank0()):
+            try:
+                from tqdm.auto import tqdm
+
+                it = tqdm(loader, desc=desc, leave=False, disable=None if self.progress is None else not self.progress)
+            except ImportError:  # pragma: no cover
+                pass
+        for batch in it:
+            yield _to_device(batch, self.device)
+
+    def _check_n_output(self, K: int) -> None:
+        if self.n_output is not None and self.n_output != K:
+            raise ValueError(
+                f"n_output={self.n_output} but the function returns {K} outputs per example; "
+                "drop n_output (it is inferred) or fix the function"
+            )
+
+    def _captures(self, loader, desc):
+        """Yield (ks, Captured) for every batch and output chunk; count examples."""
+        self.last_count = 0
+        for batch in self.batches(loader, desc):
+            first = True
+            for ks, cap in self.capturer.capture(batch):
+                if first:
+                    self._check_n_output(cap.k_total)
+                    self.last_count += cap.n
+                    first = False
+                yield ks, cap
+
+    def _layers(self):
+        for name, layer in self.layer_collection.layers.items():
+            yield name, layer, self.l_to_m[name]
+
+    def _zeros(self, *shape) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _accumulate(self, loader, desc, init: dict, per_batch: Callable, symmetric=()) -> Statistics:
+        sums = init
+        for ks, cap in self._captures(loader, desc):
+            for key, val in per_batch(cap, ks).items():
+                sums[key] += val
+        return Statistics(sums, self.last_count, frozenset(symmetric))
+
+    # statistics ------------------------------------------------------------------------
+    def diag_statistics(self, loader) -> Statistics:
+        """sums: ``diag`` (d,) = sum_n sum_k J_k(x_n)^2."""
+
+        def per_batch(cap, ks):
+            return {"diag": torch.cat([
+                layer.math.diag(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()
+            ])}
+
+        return self._accumulate(loader, "diag", {"diag": self._zeros(self.layer_collection.numel())}, per_batch)
+
+    def per_example_grads(self, cap) -> Tensor:
+        """(K, N, d) per-example gradients of one captured batch, in flat order."""
+        return torch.cat(
+            [layer.math.per_example_grads(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()],
+            dim=-1,
+        )
+
+    def dense_statistics(self, loader) -> Statistics:
+        """sums: ``dense`` (d, d) = sum_n J_n^T J_n."""
+        d = self.layer_collection.numel()
+
+        def per_batch(cap, ks):
+            pg = self.per_example_grads(cap).flatten(0, 1)
+            return {"dense": pg.t() @ pg}
+
+        return self._accumulate(loader, "dense", {"dense": self._zeros(d, d)}, per_batch, ["dense"])
+
+    def block_statistics(self, loader) -> Statistics:
+        """sums: ``block/<layer>`` (d_l, d_l) per layer."""
+        init = {f"block/{n}": self._zeros(l.numel(), l.numel()) for n, l in self.layer_collection.layers.items()}
+
+        def per_batch(cap, ks):
+            return {f"block/{n}": layer.math.block(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()}
+
+        return self._accumulate(loader, "blocks", init, per_batch, list(init))
+
+    def trace_statistics(self, loader) -> Statistics:
+        """sums: ``trace`` () = sum_n ||J_n||_F^2."""
+
+        def per_batch(cap, ks):
+            return {"trace": sum(layer.math.trace(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers())}
+
+        return self._accumulate(loader, "trace", {"trace": self._zeros()}, per_batch)
+
+    def jacobian_rows(self, loader) -> tuple[Tensor, int]:
+        """(K, n, d) per-example Jacobians of the loader's examples, and n."""
+        rows = []
+        for ks, cap in self._captures(loader, "jacobian"):
+            pg = self.per_example_grads(cap)
+            if ks.start == 0:
+                rows.append([pg])
+            else:
+                rows[-1].append(pg)
+        if not rows:
+            return self._zeros(self.n_output or 0, 0, self.layer_collection.numel()), 0
+        return torch.cat([torch.cat(r, dim=0) for r in rows], dim=1), self.last_count
+
+    # Gram ------------------------------------------------------------------------------
+    def gram_features(self, loader, n_total: Optional[int] = None) -> list:
+        """Per batch: (N, {layer: features}) for :meth:`gram_block` (outputs not chunked)."""
+        feats = []
+        for ks, cap in self._captures(loader, "gram features"):
+            f = {n: layer.math.gram_features(mod, cap.inputs[n], cap.grads[n], n_total) for n, layer, mod in self._layers()}
+            if ks.start == 0:
+                feats.append((cap.n, [f]))
+            else:
+                feats[-1][1].append(f)
+        return feats
+
+    def gram_block(self, f1, f2) -> Tensor:
+        """(K, N1, K, N2) Gram block between two batches' features."""
+        (_, parts1), (_, parts2) = f1, f2
+        rows = []
+        for p1 in parts1:
+            cols = []
+            for p2 in parts2:
+                cols.append(sum(
+                    layer.math.gram_pair(p1[n], p2[n]) for n, layer in self.layer_collection.layers.items()
+                ))
+            rows.append(torch.cat(cols, dim=2))
+        return torch.cat(rows, dim=0)
+
+    # functional (implicit) ------------------------------------------------------------
+    def jvp_batches(self, loader, v_tensors: Sequence[Tensor]):
+        """Yield (batch, f (N, K), J v (N, K)) for each batch."""
+        v_tensors = self._project_tangents(v_tensors)
+        for batch in self.batches(loader, "J v"):
+            out, jv = self.functional.jvp(batch, v_tensors)
+            self._check_n_output(out.shape[1])
+            yield batch, out, jv
+
+    def _project_tangents(self, tangents: Sequence[Tensor]) -> list:
+        out, it = [], iter(tangents)
+        for name, layer, mod in self._layers():
+            out.append(layer.math.project_tangent(mod, next(it)))
+            if layer.has_bias:
+                out.append(next(it))
+        return out
+
+    def vjp(self, batch, u: Tensor) -> list[Tensor]:
+        grads = self.functional.vjp(batch, u)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.functional.params)]
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

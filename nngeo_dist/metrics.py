@@ -1,0 +1,158 @@
+"""The helpers a user calls: FIM, FIM_MonteCarlo, GramMatrix, Jacobian.
+
+They build a :class:`Generator` for the right function and hand it to the
+representation's ``build`` (statistics -> reduce -> finalise).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .generator import Generator, default_function
+from .generator.variants import fim_root, monte_carlo_root
+from .object import FMatDense, PushForwardDense
+
+
+def _generator(model, function, layer_collection, n_output, **kw) -> Generator:
+    return Generator(model, function, layer_collection=layer_collection, n_output=n_output, **kw)
+
+
+def _check_loader(loader) -> None:
+    try:
+        if len(loader) == 0:
+            raise ValueError("the loader is empty: pass a DataLoader that yields at least one batch")
+    except TypeError:  # an iterable without len
+        pass
+
+
+def _build(representation, generator, loader, group, **kw):
+    if isinstance(representation, dict):  # one representation per layer type / name
+        from .object.pspace.mixed import PMatMixed
+
+        return PMatMixed.build(generator, loader, group=group, mapping=representation, **kw)
+    return representation.build(generator, loader, group=group, **kw)
+
+
+def FIM(
+    model: nn.Module,
+    loader,
+    representation,
+    n_output: Optional[int] = None,
+    variant: str = "classif_logits",
+    function: Optional[Callable] = None,
+    layer_collection=None,
+    group=None,
+    store=None,
+    **kw,
+):
+    """The Fisher Information Matrix of ``model`` over ``loader`` in ``representation``.
+
+    ``function(*batch) -> (batch, c)`` defaults to ``model(batch[0])``; ``variant`` is one
+    of classif_logits, classif_binary_logits, regression (DESIGN.md §1). ``representation``
+    is a PMat class or a mapping layer type/name -> class (mixed). ``group``: a process
+    group (default: the world group when initialised); each rank passes its own shard.
+    """
+    _check_loader(loader)
+    root = fim_root(function or default_function(model), variant)
+    gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
+    _check_n_output_matches(gen, n_output, variant, model, function, loader)
+    if store is not None:
+        kw["store"] = store
+    return _build(representation, gen, loader, group, **kw)
+
+
+def FIM_MonteCarlo(
+    model: nn.Module,
+    loader,
+    representation,
+    n_output: Optional[int] = None,
+    variant: str = "classif_logits",
+    trials: int = 1,
+    function: Optional[Callable] = None,
+    layer_collection=None,
+    group=None,
+    seed: Optional[int] = None,
+    **kw,
+):
+    """Monte-Carlo FIM: ``trials`` draws y ~ p(y|x) per example (classif_logits,
+    regression). With ``seed``, draws are reproducible; each rank of a group draws from its
+    own stream derived from the seed and its rank."""
+    _check_loader(loader)
+    params = next(iter(model.parameters()))
+    rng = None
+    if seed is not None:
+        from .groupops import resolved_group
+        from .dist.group import rank as _rank
+
+        rng = torch.Generator(device=params.device)
+        rng.manual_seed(int(seed) + 1_000_003 * _rank(resolved_group(group)))
+    root = monte_carlo_root(function or default_function(model), variant, trials, rng)
+    gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
+    _check_n_output_matches(gen, n_output, variant, model, function, loader)
+    return _build(representation, gen, loader, group, **kw)
+
+
+def GramMatrix(
+    model: nn.Module,
+    loader,
+    function: Optional[Callable] = None,
+    n_output: Optional[int] = None,
+    layer_collection=None,
+    representation=FMatDense,
+    group=None,
+    store=None,
+    **kw,
+):
+    """The NTK Gram tensor K[a, i, b, j] = J_a(x_i) . J_b(x_j), (c, n, c, n)."""
+    _check_loader(loader)
+    gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
+    if store is not None:
+        kw["store"] = store
+    return representation.build(gen, loader, group=group, **kw)
+
+
+def Jacobian(
+    model: nn.Module,
+    loader,
+    function: Optional[Callable] = None,
+    n_output: Optional[int] = None,
+    layer_collection=None,
+    representation=PushForwardDense,
+    group=None,
+    store=None,
+    **kw,
+):
+    """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default)."""
+    _check_loader(loader)
+    gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
+    if store is not None:
+        kw["store"] = store
+    return representation.build(gen, loader, group=group, **kw)
+
+
+_GEN_KEYS = ("max_outputs", "progress")
+
+
+def _gen_kw(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in _GEN_KEYS if k in kw}
+
+
+def _check_n_output_matches(gen, n_output, variant, model, function, loader) -> None:
+    """``n_output`` describes the model's outputs (c), not the FIM root's: checked on the
+    first batch of the wrapped function."""
+    if n_output is None:
+        return
+    f = function or default_function(model)
+    batch = next(iter(loader))
+    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+    batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)
+    with torch.no_grad():
+        out = f(*batch)
+    c = 1 if out.dim() == 1 else out.shape[1]
+    if c != n_output:
+        raise ValueError(
+            f"n_output={n_output} but the model returns {c} outputs per example; drop "
+            "n_output (it is inferred) or fix the model/function"
+        )

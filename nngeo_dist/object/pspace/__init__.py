@@ -1,0 +1,9 @@
+"""Parameter-space matrices, one representation per module."""
+from .base import PMatAbstract
+from .blockdiag import PMatBlockDiag
+from .dense import PMatDense
+from .diag import PMatDiag
+from .implicit import PMatImplicit
+from .lowrank import PMatLowRank
+
+__all__ = ["PMatAbstract", "PMatDense", "PMatDiag", "PMatBlockDiag", "PMatLowRank", "PMatImplicit"]

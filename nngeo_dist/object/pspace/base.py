@@ -1,0 +1,126 @@
+"""The contract of every parameter-space matrix (PMat*), and how each is built.
+
+Building is ``statistics -> reduce -> finalise`` (DESIGN.md §3): :meth:`PMatAbstract.build`
+asks the generator for the representation's additive sums over the local shard, reduces
+them over the process group, and hands them to :meth:`from_statistics`, which divides by
+the global example count and does whatever needs the whole (eigendecompositions).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...generator.statistics import Statistics
+from ...layercollection import LayerCollection
+from ..vector import PVector
+
+
+class PMatAbstract:
+    """A d x d matrix of parameter space, d = layer_collection.numel()."""
+
+    #: name of the Generator method that returns this representation's sums
+    statistics_method: Optional[str] = None
+
+    def __init__(self, layer_collection: LayerCollection, generator=None):
+        self.layer_collection = layer_collection
+        self.generator = generator
+
+    # building ---------------------------------------------------------------------------
+    @classmethod
+    def statistics(cls, generator, loader) -> Statistics:
+        return getattr(generator, cls.statistics_method)(loader)
+
+    @classmethod
+    def from_statistics(cls, layer_collection: LayerCollection, stats: Statistics, generator=None, **kw):
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, generator, loader, group=None, **kw) -> "PMatAbstract":
+        """statistics over the local shard -> reduce over ``group`` -> finalise."""
+        stats = cls.statistics(generator, loader).reduce(group)
+        return cls.from_statistics(generator.layer_collection, stats, generator=generator, **kw)
+
+    # the interface ----------------------------------------------------------------------
+    def mv(self, v: PVector) -> PVector:
+        raise self._no("mv", "PMatDense or PMatBlockDiag")
+
+    def vTMv(self, v: PVector) -> Tensor:
+        self._check_vector(v)
+        return torch.dot(self.mv(v).to_torch(), v.to_torch())
+
+    def trace(self) -> Tensor:
+        return self.get_diag().sum()
+
+    def frobenius_norm(self) -> Tensor:
+        raise self._no("frobenius_norm", "PMatDense")
+
+    def solve(self, v: PVector, regul: float = 1e-8) -> PVector:
+        """(M + regul I)^{-1} v."""
+        raise self._no("solve", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
+
+    def inverse(self, regul: float = 1e-8) -> "PMatAbstract":
+        raise self._no("inverse", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
+
+    def get_diag(self) -> Tensor:
+        raise self._no("get_diag", "PMatDiag or PMatDense")
+
+    def to_torch(self) -> Tensor:
+        raise self._no("to_torch", "PMatDense")
+
+    def size(self, dim: Optional[int] = None):
+        d = self.layer_collection.numel()
+        s = torch.Size([d, d])
+        return s if dim is None else s[dim]
+
+    # helpers ------------------------------------------------------------------------------
+    def _no(self, op: str, instead: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self).__name__} has no closed form for {op}; use {instead} instead"
+        )
+
+    def _check_vector(self, v: PVector) -> None:
+        if not isinstance(v, PVector):
+            raise TypeError(f"expected a PVector, got {type(v).__name__}")
+        if v.layer_collection is not self.layer_collection and v.layer_collection != self.layer_collection:
+            raise ValueError(
+                "the PVector belongs to another LayerCollection than this matrix: build it "
+                "with PVector.from_model(model, F.layer_collection) or on the same layers"
+            )
+
+    def _vector(self, flat: Tensor) -> PVector:
+        return PVector(self.layer_collection, vector_repr=flat)
+
+    def _check_regul(self, regul: float, singular_ok: bool = False) -> None:
+        if regul < 0 or (regul == 0 and not singular_ok):
+            raise ValueError(
+                f"regul={regul}: the matrix may be singular; pass a positive Tikhonov "
+                "damping regul (e.g. 1e-8 times its trace / d)"
+            )
+
+    def _same_kind(self, other) -> None:
+        if type(other) is not type(self):
+            raise TypeError(
+                f"cannot combine {type(self).__name__} with {type(other).__name__}: convert "
+                "both to one representation first"
+            )
+        if other.layer_collection != self.layer_collection:
+            raise ValueError("the two matrices live on different LayerCollections")
+
+
+def regularised_solve(M: Tensor, b: Tensor, regul: float) -> Tensor:
+    """(M + regul I)^{-1} b for a symmetric PSD M, by Cholesky; b (m,) or (m, k)."""
+    A = M + regul * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise ValueError(
+            f"M + {regul} I is not positive definite (singular matrix): increase regul"
+        )
+    rhs = b.unsqueeze(-1) if b.dim() == 1 else b
+    x = torch.cholesky_solve(rhs, L)
+    return x.squeeze(-1) if b.dim() == 1 else x
+
+
+def regularised_inverse(M: Tensor, regul: float) -> Tensor:
+    return regularised_solve(M, torch.eye(M.shape[0], dtype=M.dtype, device=M.device), regul)

@@ -1,0 +1,76 @@
+"""PMatDense: the full d x d matrix."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import PMatAbstract, regularised_inverse, regularised_solve
+
+
+class PMatDense(PMatAbstract):
+    """Stores M (d, d). Memory d^2; every operation exact."""
+
+    statistics_method = "dense_statistics"
+
+    def __init__(self, layer_collection, data: Tensor, generator=None):
+        super().__init__(layer_collection, generator)
+        self.data = data
+        self.evals = self.evecs = None
+
+    @classmethod
+    def from_statistics(cls, layer_collection, stats, generator=None):
+        return cls(layer_collection, stats.mean("dense"), generator)
+
+    def mv(self, v):
+        self._check_vector(v)
+        return self._vector(self.data @ v.to_torch())
+
+    def vTMv(self, v):
+        self._check_vector(v)
+        x = v.to_torch()
+        return torch.dot(x, self.data @ x)
+
+    def trace(self):
+        return torch.trace(self.data)
+
+    def frobenius_norm(self):
+        return torch.linalg.matrix_norm(self.data)
+
+    def get_diag(self):
+        return torch.diagonal(self.data)
+
+    def to_torch(self):
+        return self.data
+
+    def solve(self, v, regul: float = 1e-8):
+        self._check_vector(v)
+        self._check_regul(regul)
+        return self._vector(regularised_solve(self.data, v.to_torch(), regul))
+
+    def inverse(self, regul: float = 1e-8):
+        self._check_regul(regul)
+        return PMatDense(self.layer_collection, regularised_inverse(self.data, regul), self.generator)
+
+    def compute_eigendecomposition(self):
+        """Eigenvalues ascending (d,), eigenvectors as columns (d, d)."""
+        sym = (self.data + self.data.t()) / 2
+        self.evals, self.evecs = torch.linalg.eigh(sym)
+        return self.evals, self.evecs
+
+    def get_eigendecomposition(self):
+        if self.evals is None:
+            self.compute_eigendecomposition()
+        return self.evals, self.evecs
+
+    def __add__(self, other):
+        self._same_kind(other)
+        return PMatDense(self.layer_collection, self.data + other.data, self.generator)
+
+    def __sub__(self, other):
+        self._same_kind(other)
+        return PMatDense(self.layer_collection, self.data - other.data, self.generator)
+
+    def __rmul__(self, x):
+        return PMatDense(self.layer_collection, x * self.data, self.generator)
+
+    __mul__ = __rmul__

@@ -1,0 +1,215 @@
+"""Vectors of parameter space (PVector) and of function space (FVector).
+
+A PVector holds one coefficient per parameter of its LayerCollection, either as one flat
+tensor (d,) in the flat order of DESIGN.md §1, or per layer as a dict
+``layer name -> (weight,)`` or ``(weight, bias)`` with the parameters' shapes.
+Either form is produced on demand from the other.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..layercollection import LayerCollection
+
+
+class PVector:
+    """A vector of parameter space, w = {W_1, b_1, ..., W_l, b_l}."""
+
+    def __init__(
+        self,
+        layer_collection: LayerCollection,
+        vector_repr: Optional[Tensor] = None,
+        dict_repr: Optional[dict] = None,
+    ):
+        if (vector_repr is None) == (dict_repr is None):
+            raise ValueError("give exactly one of vector_repr (flat) or dict_repr (per layer)")
+        self.layer_collection = layer_collection
+        if vector_repr is not None and vector_repr.shape != (layer_collection.numel(),):
+            raise ValueError(
+                f"vector_repr has shape {tuple(vector_repr.shape)}, the collection has "
+                f"d={layer_collection.numel()} parameters"
+            )
+        self._flat = vector_repr
+        self._dict = None if dict_repr is None else OrderedDict((k, tuple(v)) for k, v in dict_repr.items())
+
+    # construction from a model -------------------------------------------------------
+    @staticmethod
+    def from_model(model: nn.Module, layer_collection: Optional[LayerCollection] = None) -> "PVector":
+        """The model's current parameters (detached)."""
+        return PVector._from_tensors(model, layer_collection, lambda p: p.detach().clone())
+
+    @staticmethod
+    def from_model_grad(model: nn.Module, layer_collection: Optional[LayerCollection] = None) -> "PVector":
+        """The gradients held in ``.grad`` after a backward pass."""
+
+        def grad(p):
+            if p.grad is None:
+                raise ValueError("a parameter has no .grad: run loss.backward() first")
+            return p.grad.detach().clone()
+
+        return PVector._from_tensors(model, layer_collection, grad)
+
+    @staticmethod
+    def _from_tensors(model, layer_collection, get):
+        lc = layer_collection or LayerCollection.from_model(model)
+        l_to_m, _ = lc.get_layerid_module_maps(model)
+        d = OrderedDict()
+        for name, layer in lc.layers.items():
+            mod = l_to_m[name]
+            d[name] = (get(mod.weight), get(mod.bias)) if layer.has_bias else (get(mod.weight),)
+        return PVector(lc, dict_repr=d)
+
+    def copy_to_model(self, model: nn.Module) -> None:
+        """Write this vector into the model's parameters."""
+        self._write_to_model(model, lambda p, v: p.copy_(v))
+
+    def add_to_model(self, model: nn.Module) -> None:
+        """Add this vector to the model's parameters (a step w <- w + v)."""
+        self._write_to_model(model, lambda p, v: p.add_(v))
+
+    def _write_to_model(self, model, op):
+        l_to_m, _ = self.layer_collection.get_layerid_module_maps(model)
+        with torch.no_grad():
+            for name, tensors in self.get_dict_representation().items():
+                mod = l_to_m[name]
+                op(mod.weight, tensors[0])
+                if len(tensors) > 1:
+                    op(mod.bias, tensors[1])
+
+    # representations -----------------------------------------------------------------
+    def get_flat_representation(self) -> Tensor:
+        """(d,) in flat order."""
+        if self._flat is None:
+            self._flat = torch.cat([t.reshape(-1) for ts in self._dict.values() for t in ts])
+        return self._flat
+
+    def get_dict_representation(self) -> "OrderedDict[str, tuple]":
+        """layer name -> (weight,) or (weight, bias), each with its parameter's shape."""
+        if self._dict is None:
+            d = OrderedDict()
+            for name, layer in self.layer_collection.layers.items():
+                start = self.layer_collection.p_pos[name]
+                w = self._flat[start:start + layer.weight_numel].view(layer.weight_shape)
+                if layer.has_bias:
+                    b = self._flat[start + layer.weight_numel:start + layer.numel()].view(layer.bias_shape)
+                    d[name] = (w, b)
+                else:
+                    d[name] = (w,)
+            self._dict = d
+        return self._dict
+
+    to_torch = get_flat_representation
+    to_dict = get_dict_representation
+
+    def layer_flat(self, name: str) -> Tensor:
+        """(d_l,) the coefficients of one layer, in flat order."""
+        return torch.cat([t.reshape(-1) for t in self.get_dict_representation()[name]])
+
+    @staticmethod
+    def from_layer_flats(layer_collection: LayerCollection, flats: dict) -> "PVector":
+        """Inverse of :meth:`layer_flat` over every layer of the collection."""
+        return PVector(layer_collection, vector_repr=torch.cat([flats[n] for n in layer_collection.layers]))
+
+    def size(self) -> torch.Size:
+        return torch.Size([self.layer_collection.numel()])
+
+    @property
+    def dtype(self):
+        return self.get_flat_representation().dtype
+
+    @property
+    def device(self):
+        return self.get_flat_representation().device
+
+    def clone(self) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=self.get_flat_representation().clone())
+
+    def detach(self) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=self.get_flat_representation().detach())
+
+    # algebra -------------------------------------------------------------------------
+    def _check_same_space(self, other: "PVector") -> None:
+        if not isinstance(other, PVector):
+            raise TypeError(f"expected a PVector, got {type(other).__name__}")
+        if other.layer_collection is not self.layer_collection and other.layer_collection != self.layer_collection:
+            raise ValueError(
+                "the two PVectors belong to different LayerCollections: build both from the "
+                "same model and layer collection (e.g. PVector.from_model(model, F.layer_collection))"
+            )
+
+    def __add__(self, other: "PVector") -> "PVector":
+        self._check_same_space(other)
+        return PVector(self.layer_collection, vector_repr=self.to_torch() + other.to_torch())
+
+    def __sub__(self, other: "PVector") -> "PVector":
+        self._check_same_space(other)
+        return PVector(self.layer_collection, vector_repr=self.to_torch() - other.to_torch())
+
+    def __neg__(self) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=-self.to_torch())
+
+    def __mul__(self, x: Union[float, Tensor]) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=x * self.to_torch())
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, x) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=self.to_torch() / x)
+
+    def __pow__(self, p) -> "PVector":
+        return PVector(self.layer_collection, vector_repr=self.to_torch() ** p)
+
+    def dot(self, other: "PVector") -> Tensor:
+        self._check_same_space(other)
+        return torch.dot(self.to_torch(), other.to_torch())
+
+    def norm(self, p: float = 2) -> Tensor:
+        return torch.linalg.vector_norm(self.to_torch(), ord=p)
+
+    def __repr__(self) -> str:
+        return f"PVector(d={self.layer_collection.numel()})"
+
+
+class FVector:
+    """A vector of function space: one value per output and example, shape (c, n)."""
+
+    def __init__(self, vector_repr: Tensor):
+        if vector_repr.dim() != 2:
+            raise ValueError(f"an FVector is (c, n); got shape {tuple(vector_repr.shape)}")
+        self._flat = vector_repr
+
+    def get_flat_representation(self) -> Tensor:
+        """(c, n)."""
+        return self._flat
+
+    to_torch = get_flat_representation
+
+    def __add__(self, other: "FVector") -> "FVector":
+        return FVector(self._flat + other.to_torch())
+
+    def __sub__(self, other: "FVector") -> "FVector":
+        return FVector(self._flat - other.to_torch())
+
+    def __mul__(self, x) -> "FVector":
+        return FVector(x * self._flat)
+
+    __rmul__ = __mul__
+
+    def dot(self, other: "FVector") -> Tensor:
+        return (self._flat * other.to_torch()).sum()
+
+    def norm(self, p: float = 2) -> Tensor:
+        return torch.linalg.vector_norm(self._flat.reshape(-1), ord=p)
+
+    def size(self) -> torch.Size:
+        return self._flat.shape
+
+
+def random_pvector(layer_collection: LayerCollection, dtype=torch.float32, device=None, generator=None) -> PVector:
+    """A standard normal PVector (for tests, Hutchinson estimates and examples)."""
+    v = torch.randn(layer_collection.numel(), dtype=dtype, device=device, generator=generator)
+    return PVector(layer_collection, vector_repr=v)
