@@ -1,0 +1,139 @@
+"""What the command lines (``fim``, ``ntk``) share: the model, the data, the process group.
+
+Models are given as an import path ``pkg.mod:factory`` (called with JSON keyword
+arguments, optionally followed by loading a state dict), data sets as a built-in name
+(``digits``, ``synthetic``) or an import path to a factory returning a map-style Dataset.
+With no argument, both run on the embedded default: a small MLP trained for a few
+seconds on scikit-learn's bundled digits (real data, no download).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+log = logging.getLogger("nngeo_dist.cli")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# built-in data and model ---------------------------------------------------------------
+def digits_dataset(dtype=torch.float32) -> TensorDataset:
+    """scikit-learn's bundled 8x8 digits (1797 examples, 64 features, 10 classes), standardised."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return TensorDataset(x.to(dtype), torch.tensor(y, dtype=torch.long))
+
+
+def synthetic_dataset(n: int = 2048, features: int = 64, classes: int = 10, seed: int = 0, dtype=torch.float32) -> TensorDataset:
+    """Gaussian inputs with labels from a random linear teacher (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g, dtype=torch.float64)
+    w = torch.randn(features, classes, generator=g, dtype=torch.float64)
+    y = (x @ w).argmax(dim=1)
+    return TensorDataset(x.to(dtype), y)
+
+
+def digits_mlp(hidden: int = 32, train_steps: int = 200, seed: int = 0) -> nn.Module:
+    """MLP 64-hidden-hidden-10 (tanh), trained full-batch with Adam on digits (seconds)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+    if train_steps:
+        x, y = digits_dataset().tensors
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(train_steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+BUILTIN_MODELS = {"digits_mlp": digits_mlp}
+BUILTIN_DATA = {"digits": digits_dataset, "synthetic": synthetic_dataset}
+
+
+def _import(path: str):
+    if ":" not in path:
+        raise ValueError(f"'{path}' is not an import path: write it as package.module:name")
+    mod, name = path.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import '{path}': {e}") from e
+
+
+def load_model(spec: str, kwargs_json: str = "{}", weights: Optional[str] = None, device=None, dtype=torch.float32) -> nn.Module:
+    """Build the model from ``spec`` (built-in name or ``pkg.mod:factory``), load
+    ``weights`` (a state dict saved with torch.save) and put it in eval mode."""
+    kwargs = json.loads(kwargs_json or "{}")
+    factory = BUILTIN_MODELS.get(spec) or _import(spec)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_data(spec: str, kwargs_json: str = "{}", dtype=torch.float32) -> Dataset:
+    kwargs = json.loads(kwargs_json or "{}")
+    if spec in BUILTIN_DATA:
+        return BUILTIN_DATA[spec](dtype=dtype, **kwargs)
+    ds = _import(spec)(**kwargs)
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise TypeError(f"'{spec}' returned {type(ds).__name__}: a map-style Dataset (__len__, __getitem__) is needed")
+    return ds
+
+
+def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--model", default="digits_mlp", help="built-in name or pkg.mod:factory (default: digits_mlp)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the model factory")
+    p.add_argument("--weights", default=None, help="state dict file (torch.save) to load into the model")
+    p.add_argument("--data", default="digits", help="digits, synthetic, or pkg.mod:factory returning a Dataset")
+    p.add_argument("--data-kwargs", default="{}", help="JSON keyword arguments for the data factory")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--out", default=default_out, help=f"output zarr store (default: {default_out})")
+    p.add_argument("--resume", action="store_true", help="reuse an existing store of the same job")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a stalled collective fails")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s [rank %(rank)s] %(message)s")
+    rank = os.environ.get("RANK", "0")
+    old = logging.getLogRecordFactory()
+
+    def factory(*a, **kw):
+        rec = old(*a, **kw)
+        rec.rank = rank
+        return rec
+
+    logging.setLogRecordFactory(factory)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def print_summary(summary: dict[str, Any], rank: int) -> None:
+    if rank == 0:
+        print(json.dumps(summary, indent=None, sort_keys=True), flush=True)
