@@ -1,0 +1,96 @@
+"""Fingerprints of model parameters, and checks that every rank holds the same thing.
+
+A fingerprint is the sha256 hex digest of the parameters' names (when known), dtypes,
+shapes and raw bytes, in order; it is deterministic across processes and machines of the
+same byte order, and independent of the device the parameters are on.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .agree import all_gather_ints, all_gather_objects, digest, ranks_by_value
+from .group import resolve_group, world_size
+
+Parameters = Union[torch.nn.Module, Mapping[str, Tensor], Iterable[Tensor]]
+
+PARAMETERS_HINT = (
+    "load the same weights on every rank (one checkpoint for all, or the same seed "
+    "before building the model)"
+)
+
+
+def _named_tensors(model_or_tensors: Parameters) -> list[tuple[Optional[str], Tensor]]:
+    if isinstance(model_or_tensors, torch.nn.Module):
+        return list(model_or_tensors.named_parameters())
+    if isinstance(model_or_tensors, Tensor):
+        return [(None, model_or_tensors)]
+    if isinstance(model_or_tensors, Mapping):
+        return list(model_or_tensors.items())
+    return [(None, t) for t in model_or_tensors]
+
+
+def _tensor_bytes(t: Tensor) -> memoryview:
+    """The raw bytes of ``t`` on cpu, row-major (any dtype, bfloat16 included)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def parameter_fingerprint(model_or_tensors: Parameters) -> str:
+    """sha256 hex digest of parameter names, dtypes, shapes and bytes, in order.
+
+    Accepts a module (its ``named_parameters()``), a mapping name -> tensor, a tensor, or
+    an iterable of tensors.
+    """
+    h = hashlib.sha256()
+    for name, t in _named_tensors(model_or_tensors):
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        if t.numel():
+            h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _differ_message(what: str, values: list[str], hint: Optional[str]) -> str:
+    by_value = ranks_by_value(values)
+    if len(by_value) == 2 and all(len(r) == 1 for r in by_value):
+        who = f"ranks {by_value[0][0]} and {by_value[1][0]}"
+    else:
+        who = "ranks " + " | ".join(",".join(map(str, r)) for r in by_value)
+    listing = "; ".join(
+        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {values[r[0]][:16]}"
+        for r in by_value
+    )
+    advice = f"; {hint}" if hint else ""
+    return f"{what} differ between {who}: {listing}{advice}"
+
+
+def check_same_across_ranks(
+    value: str, what: str, group=None, hint: Optional[str] = None
+) -> None:
+    """Raise the same RuntimeError on every rank unless every rank passed the same ``value``.
+
+    ``what`` names the thing in the message ("the model parameters"); ``hint`` says how to
+    fix it. One all_gather of an int64 digest; the values themselves are gathered only on
+    a mismatch. A no-op for a single process. Every rank of ``group`` must call it.
+    """
+    group = resolve_group(group)
+    if world_size(group) == 1:
+        return
+    digests = [g[0] for g in all_gather_ints([digest(value)], group)]
+    if len(set(digests)) == 1:
+        return
+    values = all_gather_objects(str(value), group)
+    raise RuntimeError(_differ_message(what, values, hint))
+
+
+def check_same_parameters(model_or_tensors: Parameters, group=None) -> str:
+    """Check every rank holds the same parameters (RuntimeError on all ranks if not).
+
+    Returns the fingerprint.
+    """
+    fingerprint = parameter_fingerprint(model_or_tensors)
+    check_same_across_ranks(fingerprint, "the model parameters", group, PARAMETERS_HINT)
+    return fingerprint
