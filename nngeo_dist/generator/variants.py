@@ -23,8 +23,11 @@ def _check(variant: str, valid) -> None:
 def fim_root(function: Callable, variant: str) -> Callable:
     """Closed-form FIM square root of ``function``'s outputs for ``variant``.
 
-    - classif_logits: r_k = sqrt(p_k) (f_k - p . f), p = softmax(f) detached, so that
-      sum_k grad r_k grad r_k^T = J^T (diag(p) - p p^T) J.
+    - classif_logits: the c - 1 rows of the exact Cholesky factor of the multinomial
+      covariance (Tanabe & Sagae 1992): with p = softmax(f) detached and the tail masses
+      q_k = sum_{j>k} p_j, r_k = sqrt(p_k q_k / q_{k-1}) (f_k - sum_{j>k} p_j f_j / q_k),
+      so that sum_k grad r_k grad r_k^T = J^T (diag(p) - p p^T) J with one output fewer
+      than c to back-propagate.
     - classif_binary_logits: r = sqrt(s (1 - s)) f, s = sigmoid(f) detached (c = 1).
     - regression: r = f (unit-variance Gaussian).
     """
@@ -32,9 +35,7 @@ def fim_root(function: Callable, variant: str) -> Callable:
 
     if variant == "classif_logits":
         def root(*batch):
-            f = function(*batch)
-            p = torch.softmax(f, dim=1).detach()
-            return p.sqrt() * (f - (p * f).sum(dim=1, keepdim=True))
+            return _multinomial_cholesky_root(function(*batch))
     elif variant == "classif_binary_logits":
         def root(*batch):
             f = function(*batch)
@@ -49,6 +50,22 @@ def fim_root(function: Callable, variant: str) -> Callable:
         def root(*batch):
             return function(*batch)
     return root
+
+
+def _multinomial_cholesky_root(f: Tensor) -> Tensor:
+    """(N, c) logits -> (N, c - 1) rows r_k (see :func:`fim_root`); a single logit has
+    a zero Fisher and gives one zero row."""
+    if f.shape[1] == 1:
+        return f * 0
+    p = torch.softmax(f, dim=1).detach()
+    # tail sums by reverse cumsum: no cancellation when p_1 is close to 1
+    tail = p.flip(1).cumsum(1).flip(1)  # tail[:, k] = sum_{j>=k} p_j
+    q = tail[:, 1:]  # q_k = sum_{j>k} p_j, k = 0..c-2
+    q_prev = tail[:, :-1]  # q_{k-1} = sum_{j>=k} p_j
+    tiny = torch.finfo(f.dtype).tiny
+    pf_tail = (p * f).flip(1).cumsum(1).flip(1)[:, 1:]  # sum_{j>k} p_j f_j
+    coef = (p[:, :-1] * q / q_prev.clamp_min(tiny)).sqrt()
+    return coef * (f[:, :-1] - pf_tail / q.clamp_min(tiny))
 
 
 def monte_carlo_root(function: Callable, variant: str, trials: int, generator: Optional[torch.Generator]) -> Callable:
