@@ -23,17 +23,34 @@ from torch.utils.data import Dataset, TensorDataset
 log = logging.getLogger("nngeo_dist.cli")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 # built-in data and model ---------------------------------------------------------------
 def digits_dataset(dtype=torch.float32) -> TensorDataset:
     """scikit-learn's bundled 8x8 digits (1797 examples, 64 features, 10 classes), standardised."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
+    x, y = _digits_arrays()
     x = torch.tensor(x, dtype=torch.float64)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     return TensorDataset(x.to(dtype), torch.tensor(y, dtype=torch.long))
+
+
+def _digits_arrays():
+    """(x (1797, 64), y (1797,)) of scikit-learn's bundled digits, read straight from its data
+    file (importing scikit-learn takes seconds); load_digits when the file is not found."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    return load_digits(return_X_y=True)
 
 
 def synthetic_dataset(n: int = 2048, features: int = 64, classes: int = 10, seed: int = 0, dtype=torch.float32) -> TensorDataset:
@@ -102,18 +119,64 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--weights", default=None, help="state dict file (torch.save) to load into the model")
     p.add_argument("--data", default="digits", help="digits, synthetic, or pkg.mod:factory returning a Dataset")
     p.add_argument("--data-kwargs", default="{}", help="JSON keyword arguments for the data factory")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per batch and rank (default: 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", default=default_out, help=f"output zarr store (default: {default_out})")
-    p.add_argument("--resume", action="store_true", help="reuse an existing store of the same job")
+    p.add_argument("--resume", action="store_true",
+                   help="an existing store of this same computation is kept (nothing recomputed); an "
+                   "incomplete one is recomputed; one of another computation is refused")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a stalled collective fails")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="logging level (default: WARNING; DEBUG also logs the bytes of each reduction)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+class _TypedCollate:
+    """default_collate, then floating-point tensors cast to ``dtype`` (picklable)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __call__(self, items):
+        from torch.utils.data import default_collate
+
+        batch = default_collate(items)
+        return _cast(batch, self.dtype)
+
+
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
+
+
+def typed_collate(dtype) -> _TypedCollate:
+    """A collate_fn whose floating-point tensors arrive in ``dtype`` (the model's)."""
+    return _TypedCollate(dtype)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message (newlines folded), or its type name."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+_LOG_FACTORY_INSTALLED = False
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s [rank %(rank)s] %(message)s")
+    """Root logging at ``level``; every record carries this process's rank (env RANK)."""
+    global _LOG_FACTORY_INSTALLED
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s [rank %(rank)s] %(message)s")
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
+    if _LOG_FACTORY_INSTALLED:
+        return
     rank = os.environ.get("RANK", "0")
     old = logging.getLogRecordFactory()
 
@@ -123,6 +186,7 @@ def setup_logging(level: str) -> None:
         return rec
 
     logging.setLogRecordFactory(factory)
+    _LOG_FACTORY_INSTALLED = True
 
 
 class Timer:

@@ -19,7 +19,13 @@ def _generator(model, function, layer_collection, n_output, **kw) -> Generator:
     return Generator(model, function, layer_collection=layer_collection, n_output=n_output, **kw)
 
 
-def _check_loader(loader) -> None:
+def _check_loader(loader, group=None) -> None:
+    """An empty loader is an error for one process; in a group a rank may hold no example
+    (the global count is checked after the reduction, on every rank alike)."""
+    from .object.groupops import resolved_group
+
+    if resolved_group(group) is not None:
+        return
     try:
         if len(loader) == 0:
             raise ValueError("the loader is empty: pass a DataLoader that yields at least one batch")
@@ -54,7 +60,7 @@ def FIM(
     is a PMat class or a mapping layer type/name -> class (mixed). ``group``: a process
     group (default: the world group when initialised); each rank passes its own shard.
     """
-    _check_loader(loader)
+    _check_loader(loader, group)
     root = fim_root(function or default_function(model), variant)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     _check_n_output_matches(gen, n_output, variant, model, function, loader)
@@ -79,11 +85,11 @@ def FIM_MonteCarlo(
     """Monte-Carlo FIM: ``trials`` draws y ~ p(y|x) per example (classif_logits,
     regression). With ``seed``, draws are reproducible; each rank of a group draws from its
     own stream derived from the seed and its rank."""
-    _check_loader(loader)
+    _check_loader(loader, group)
     params = next(iter(model.parameters()))
     rng = None
     if seed is not None:
-        from .groupops import resolved_group
+        from .object.groupops import resolved_group
         from .dist.group import rank as _rank
 
         rng = torch.Generator(device=params.device)
@@ -106,7 +112,7 @@ def GramMatrix(
     **kw,
 ):
     """The NTK Gram tensor K[a, i, b, j] = J_a(x_i) . J_b(x_j), (c, n, c, n)."""
-    _check_loader(loader)
+    _check_loader(loader, group)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
         kw["store"] = store
@@ -125,7 +131,7 @@ def Jacobian(
     **kw,
 ):
     """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default)."""
-    _check_loader(loader)
+    _check_loader(loader, group)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
         kw["store"] = store

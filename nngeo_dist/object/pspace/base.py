@@ -74,6 +74,12 @@ class PMatAbstract:
         s = torch.Size([d, d])
         return s if dim is None else s[dim]
 
+    def save(self, path, **kw) -> None:
+        """Write this matrix to a zarr v3 store (see nngeo_dist.store.objects.save)."""
+        from ...store.objects import save
+
+        save(self, path, **kw)
+
     # helpers ------------------------------------------------------------------------------
     def _no(self, op: str, instead: str) -> NotImplementedError:
         return NotImplementedError(
