@@ -33,12 +33,30 @@ def _check_loader(loader, group=None) -> None:
         pass
 
 
+def _check_model(model, group, check_parameters: bool) -> None:
+    """In a group of more than one rank, with ``check_parameters``: every rank's model must
+    have the same parameters and buffers (the same RuntimeError on every rank if not)."""
+    from .object.groupops import check_model
+
+    check_model(model, group, check_parameters)
+
+
+def _checked(build, kw: dict) -> dict:
+    """``kw`` for ``build``: the model was compared across ranks already (_check_model), so
+    a build that can compare it itself is told not to do it again."""
+    import inspect
+
+    if "check_parameters" in inspect.signature(build).parameters:
+        return {**kw, "check_parameters": False}
+    return kw
+
+
 def _build(representation, generator, loader, group, **kw):
     if isinstance(representation, dict):  # one representation per layer type / name
         from .object.pspace.mixed import PMatMixed
 
         return PMatMixed.build(generator, loader, group=group, mapping=representation, **kw)
-    return representation.build(generator, loader, group=group, **kw)
+    return representation.build(generator, loader, group=group, **_checked(representation.build, kw))
 
 
 def FIM(
@@ -51,6 +69,7 @@ def FIM(
     layer_collection=None,
     group=None,
     store=None,
+    check_parameters: bool = True,
     **kw,
 ):
     """The Fisher Information Matrix of ``model`` over ``loader`` in ``representation``.
@@ -61,6 +80,7 @@ def FIM(
     group (default: the world group when initialised); each rank passes its own shard.
     """
     _check_loader(loader, group)
+    _check_model(model, group, check_parameters)
     root = fim_root(function or default_function(model), variant)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     _check_n_output_matches(gen, n_output, variant, model, function, loader)
@@ -80,12 +100,14 @@ def FIM_MonteCarlo(
     layer_collection=None,
     group=None,
     seed: Optional[int] = None,
+    check_parameters: bool = True,
     **kw,
 ):
     """Monte-Carlo FIM: ``trials`` draws y ~ p(y|x) per example (classif_logits,
     regression). With ``seed``, draws are reproducible; each rank of a group draws from its
     own stream derived from the seed and its rank."""
     _check_loader(loader, group)
+    _check_model(model, group, check_parameters)
     params = next(iter(model.parameters()))
     rng = None
     if seed is not None:
@@ -109,14 +131,16 @@ def GramMatrix(
     representation=FMatDense,
     group=None,
     store=None,
+    check_parameters: bool = True,
     **kw,
 ):
     """The NTK Gram tensor K[a, i, b, j] = J_a(x_i) . J_b(x_j), (c, n, c, n)."""
     _check_loader(loader, group)
+    _check_model(model, group, check_parameters)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
         kw["store"] = store
-    return representation.build(gen, loader, group=group, **kw)
+    return representation.build(gen, loader, group=group, **_checked(representation.build, kw))
 
 
 def Jacobian(
@@ -128,14 +152,16 @@ def Jacobian(
     representation=PushForwardDense,
     group=None,
     store=None,
+    check_parameters: bool = True,
     **kw,
 ):
     """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default)."""
     _check_loader(loader, group)
+    _check_model(model, group, check_parameters)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
         kw["store"] = store
-    return representation.build(gen, loader, group=group, **kw)
+    return representation.build(gen, loader, group=group, **_checked(representation.build, kw))
 
 
 _GEN_KEYS = ("max_outputs", "progress")
@@ -151,7 +177,9 @@ def _check_n_output_matches(gen, n_output, variant, model, function, loader) -> 
     if n_output is None:
         return
     f = function or default_function(model)
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:  # an empty shard of a group
+        return
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)
     with torch.no_grad():

@@ -144,11 +144,14 @@ def _wait(procs: list, out_dir: str, timeout: float) -> tuple[dict[int, tuple], 
     deadline = time.monotonic() + timeout
     failed_at = None
     while True:
+        # liveness first: a rank that writes its result and exits between the two reads
+        # must count as finished, not as dead without a result
+        alive = [p.is_alive() for p in procs]
         results = {r: res for r in range(len(procs)) if (res := _read(out_dir, r))}
-        running = [r for r, p in enumerate(procs) if p.is_alive() and r not in results]
+        running = [r for r in range(len(procs)) if alive[r] and r not in results]
         if failed_at is None and any(res[0] == "error" for res in results.values()):
             failed_at = time.monotonic()
-        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+        dead = [r for r in range(len(procs)) if not alive[r] and r not in results]
         now = time.monotonic()
         if (len(results) == len(procs) or dead or now > deadline
                 or (failed_at and now - failed_at > _GRACE_AFTER_FAILURE_S)):

@@ -347,3 +347,69 @@ def test_harness_reports_the_failing_rank():
 def test_harness_kills_a_hang():
     with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] did not finish within 4"):
         run_ranks(_on_hang, 2, timeout=4)
+
+
+# ---------------------------------------------------------------- exchange (row-sharded objects)
+
+
+def _on_exchange(rank, world):
+    from nngeo_dist.dist import exchange
+
+    cols = torch.arange(2 * rank * 3, dtype=torch.float64).reshape(2, rank, 3) + 100 * rank
+    everything = exchange.all_gather_rows(cols, dim=1)
+    at_last = exchange.gather_rows(cols, dim=1, dst=world - 1)
+    total = exchange.reduce_tensor(torch.full((2, 2), float(rank + 1)), dst=0)
+    mine = torch.arange(4, dtype=torch.int64) * 7 if rank == world - 1 else None
+    known = exchange.broadcast_from(mine, world - 1, shape=(4,), dtype=torch.int64)
+    unknown = exchange.broadcast_from(mine, world - 1)
+    objs = None
+    if rank == world - 1:
+        objs = [
+            (3, [{"a": torch.ones(2, 2), "b": ("pairwise", torch.arange(3), True)}]),
+            {"mask": torch.tensor([True, False]), "half": torch.zeros(2, dtype=torch.float16), "s": "x"},
+        ]
+    received = list(exchange.broadcast_structures(objs, src=world - 1))
+    nothing = list(exchange.broadcast_structures([] if rank == 0 else None, src=0))
+    return everything, at_last, total, known, unknown, received, nothing
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_exchange_helpers(world):
+    expected = torch.cat([torch.arange(2 * r * 3, dtype=torch.float64).reshape(2, r, 3) + 100 * r
+                          for r in range(world)], dim=1)
+    for rank, (everything, at_last, total, known, unknown, received, nothing) in enumerate(
+            run_ranks(_on_exchange, world)):
+        assert torch.equal(everything, expected)
+        assert (at_last is None) == (rank != world - 1)
+        if at_last is not None:
+            assert torch.equal(at_last, expected)
+        if rank == 0:
+            assert torch.equal(total, torch.full((2, 2), world * (world + 1) / 2))
+        else:
+            assert total is None
+        assert torch.equal(known, torch.arange(4) * 7) and torch.equal(unknown, known)
+        (n, [feats]), other = received
+        assert n == 3 and torch.equal(feats["a"], torch.ones(2, 2))
+        assert feats["b"][0] == "pairwise" and feats["b"][2] is True
+        assert torch.equal(feats["b"][1], torch.arange(3))
+        assert other["mask"].dtype == torch.bool and other["mask"].tolist() == [True, False]
+        assert other["half"].dtype == torch.float16 and other["s"] == "x"
+        assert nothing == []
+
+
+def test_model_fingerprint_covers_buffers_and_follows_changes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    first = fingerprint.model_fingerprint(model)
+    assert fingerprint.model_fingerprint(model) == first  # cached
+    model[1].running_mean.add_(1.0)  # a buffer changed in place
+    second = fingerprint.model_fingerprint(model)
+    assert second != first
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    assert fingerprint.model_fingerprint(model) not in (first, second)
+    model[0].weight = torch.nn.Parameter(torch.zeros(2, 3))  # a parameter replaced
+    assert fingerprint.model_fingerprint(model) == fingerprint.parameter_fingerprint(
+        {**dict(model.named_parameters()),
+         **{"buffer:" + k: b for k, b in model.named_buffers()}})
+    assert fingerprint.check_same_model(model, None) == fingerprint.model_fingerprint(model)

@@ -4,7 +4,20 @@ See the module docstrings for the conventions: ``group=None`` resolves to WORLD 
 torch.distributed is initialised and to a single process otherwise.
 """
 from .errors import RankFailedError, collective_errors, run_collectively
-from .fingerprint import check_same_across_ranks, check_same_parameters, parameter_fingerprint
+from .exchange import (
+    all_gather_rows,
+    broadcast_from,
+    broadcast_structures,
+    gather_rows,
+    reduce_tensor,
+)
+from .fingerprint import (
+    check_same_across_ranks,
+    check_same_model,
+    check_same_parameters,
+    model_fingerprint,
+    parameter_fingerprint,
+)
 from .group import (
     collective_device,
     device_for_rank,
@@ -27,7 +40,9 @@ from .sharding import ShardSampler, shard_loader, shard_range
 
 __all__ = [
     "RankFailedError", "collective_errors", "run_collectively",
-    "check_same_across_ranks", "check_same_parameters", "parameter_fingerprint",
+    "all_gather_rows", "broadcast_from", "broadcast_structures", "gather_rows", "reduce_tensor",
+    "check_same_across_ranks", "check_same_model", "check_same_parameters",
+    "model_fingerprint", "parameter_fingerprint",
     "collective_device", "device_for_rank", "init_from_env", "rank", "resolve_group",
     "world_size",
     "all_gather_tensors_varlen", "all_reduce_statistics", "all_reduce_tensor",

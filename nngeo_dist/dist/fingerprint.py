@@ -7,6 +7,7 @@ same byte order, and independent of the device the parameters are on.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
@@ -94,3 +95,44 @@ def check_same_parameters(model_or_tensors: Parameters, group=None) -> str:
     fingerprint = parameter_fingerprint(model_or_tensors)
     check_same_across_ranks(fingerprint, "the model parameters", group, PARAMETERS_HINT)
     return fingerprint
+
+
+# ---------------------------------------------------------------- whole models
+
+MODEL_HINT = (
+    "every rank must hold the same model: load the same weights (and buffers, e.g. "
+    "BatchNorm running statistics) on every rank, e.g. one checkpoint for all or the same "
+    "seed before building the model, and do not step an optimizer on one rank only"
+)
+
+_MODEL_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """:func:`parameter_fingerprint` of the model's parameters and buffers (the running
+    statistics of normalisation layers change what the model computes).
+
+    The digest is cached per module and recomputed only when a parameter or buffer was
+    replaced or modified in place since (tracked through tensor version counters), so
+    calling it before every computation is cheap."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    named += [("buffer:" + n, b) for n, b in model.named_buffers()]
+    key = tuple((n, id(t), t._version, t.data_ptr()) for n, t in named)
+    cached = _MODEL_CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fp = parameter_fingerprint(dict(named))
+    _MODEL_CACHE[model] = (key, fp)
+    return fp
+
+
+def check_same_model(model: torch.nn.Module, group=None) -> str:
+    """Raise the same RuntimeError on every rank of ``group`` unless every rank's
+    ``model`` has the same parameters and buffers (names, dtypes, shapes, values).
+
+    One all_gather of an 8-byte digest when they agree (a no-op for one process); the
+    message names the ranks that differ. Every rank of the group must call it. Returns
+    this rank's fingerprint."""
+    fp = model_fingerprint(model)
+    check_same_across_ranks(fp, "the model parameters", group, MODEL_HINT)
+    return fp

@@ -169,7 +169,10 @@ class Generator:
     def gram_features(self, loader, n_total: Optional[int] = None) -> list:
         """Per batch: (N, {layer: features}) for :meth:`gram_block` (outputs not chunked)."""
         feats = []
+        if n_total is None:  # one choice of features per layer for every batch
+            n_total = len(getattr(loader, "dataset", ())) or None
         for ks, cap in self._captures(loader, "gram features"):
+            n_total = n_total or cap.n
             f = {n: layer.math.gram_features(mod, cap.inputs[n], cap.grads[n], n_total) for n, layer, mod in self._layers()}
             if ks.start == 0:
                 feats.append((cap.n, [f]))

@@ -39,7 +39,11 @@ class PMatAbstract:
     @classmethod
     def build(cls, generator, loader, group=None, **kw) -> "PMatAbstract":
         """statistics over the local shard -> reduce over ``group`` -> finalise."""
-        stats = cls.statistics(generator, loader).reduce(group)
+        from ...dist.errors import collective_errors
+
+        with collective_errors(group):  # a rank that raises is named on every rank
+            stats = cls.statistics(generator, loader)
+        stats = stats.reduce(group)
         return cls.from_statistics(generator.layer_collection, stats, generator=generator, **kw)
 
     # the interface ----------------------------------------------------------------------

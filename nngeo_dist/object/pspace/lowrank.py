@@ -1,33 +1,86 @@
-"""PMatLowRank: M = (1/n) J^T J from the stacked per-example Jacobians J (c, n, d)."""
+"""PMatLowRank: M = (1/n) J^T J from the stacked per-example Jacobians J (c, n, d).
+
+In a process group the rows are sharded: rank r holds ``data`` = its examples' rows
+(c, n_r, d) and n is the global example count. What lands in parameter space is summed
+over the group (one all_reduce: J^T J v, v^T J^T J v, trace, the diagonal, the d x d
+matrix); nothing of size n is ever gathered unless asked:
+
+- ``local`` / ``data``: this rank's rows (c, n_r, d);
+- ``to_torch()``: the d x d matrix, on every rank (one all_reduce of d^2);
+- ``gather(dst=None)``: a one-process PMatLowRank holding every row (c, n, d), on every
+  rank or on rank ``dst`` only;
+- ``frobenius_norm()``: through the (c n)^2 Gram of the rows when c n < d (each rank's
+  rows are broadcast in turn), else through the d x d matrix;
+- ``compute_eigendecomposition()``: computed on rank 0 from the R factors of every rank's
+  rows (each rank sends min(c n_r, d) rows), broadcast: identical bits on every rank.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .base import PMatAbstract
-from ..groupops import group_sum, resolved_group
+from ..groupops import (
+    RowLayout,
+    agree_ints,
+    check_model,
+    effective_group,
+    held_group,
+    group_rank,
+    group_size,
+    group_sum,
+)
+
+
+def _nonzero_spectrum(rows: Tensor, n: int, m: int, d: int):
+    """Eigenvalues ascending and eigenvectors (d, r) of rows^T rows / n, dropping the
+    eigenvalues that are zero to working precision (<= max * max(m, d) * eps)."""
+    _, s, vh = torch.linalg.svd(rows / n ** 0.5, full_matrices=False)
+    evals, evecs = (s * s).flip(0), vh.flip(0).t()
+    if evals.numel():
+        cut = evals.max() * max(m, d) * torch.finfo(evals.dtype).eps
+        keep = evals > cut
+        evals, evecs = evals[keep], evecs[:, keep]
+    return evals.contiguous(), evecs.contiguous()
 
 
 class PMatLowRank(PMatAbstract):
     """Stores the rows J (c, n_local, d) (row-sharded across ranks in a group) and the
-    global example count n. Memory c n d; every operation exact, rank <= c n.
+    global example count n. Memory c n d (c n_r d per rank); every operation exact,
+    rank <= c n.
     """
 
-    def __init__(self, layer_collection, data: Tensor, n: int, generator=None, group=None):
+    def __init__(self, layer_collection, data: Tensor, n: int, generator=None, group=None,
+                 layout: RowLayout = None):
         super().__init__(layer_collection, generator)
         self.data = data
         self.n = n
-        self.group = group
+        self.group = held_group(group)
+        if self.group is None:
+            layout = RowLayout.single(data.shape[1])
+        elif layout is None:  # collective: learn the other ranks' row counts
+            counts = tuple(r[0] for r in agree_ints([data.shape[1]], None, self.group))
+            layout = RowLayout(counts, group_rank(self.group))
+        self.layout = layout
         self.evals = self.evecs = None
 
     @classmethod
-    def build(cls, generator, loader, group=None):
-        group = resolved_group(group)
-        rows, n_local = generator.jacobian_rows(loader)
-        n = int(group_sum(torch.tensor(float(n_local), dtype=torch.float64, device=rows.device), group).item())
-        if n == 0:
+    def build(cls, generator, loader, group=None, check_parameters: bool = True, store=None):
+        from ..groupops import refuse_store
+        from ..map import jacobian_rows
+
+        refuse_store("PMatLowRank", "PMatLowRankStored", store)
+        group = effective_group(group)
+        check_model(generator.model, group, check_parameters)
+        rows, layout, group = jacobian_rows(generator, loader, group)
+        if layout.n == 0:
             raise ValueError("no example was seen: the loader is empty")
-        return cls(generator.layer_collection, rows, n, generator, group)
+        return cls(generator.layer_collection, rows, layout.n, generator, group, layout)
+
+    @property
+    def local(self) -> Tensor:
+        """(c, n_r, d): this rank's rows."""
+        return self.data
 
     def _rows(self) -> Tensor:
         return self.data.reshape(-1, self.data.shape[-1])
@@ -52,25 +105,87 @@ class PMatLowRank(PMatAbstract):
         return self._sum((self.data * self.data).sum(dim=(0, 1))) / self.n
 
     def to_torch(self):
+        """The d x d matrix, on every rank."""
         J = self._rows()
         return self._sum(J.t() @ J) / self.n
 
+    def gather(self, dst=None):
+        """A one-process PMatLowRank with every rank's rows (c, n, d): on every rank, or on
+        rank ``dst`` only (``None`` on the others). Collective in a group."""
+        if self.group is None:
+            return self
+        from ...dist.exchange import all_gather_rows, gather_rows
+
+        if dst is None:
+            full = all_gather_rows(self.data, dim=1, group=self.group)
+        else:
+            full = gather_rows(self.data, dim=1, dst=dst, group=self.group)
+            if full is None:
+                return None
+        return PMatLowRank(self.layer_collection, full, self.n, self.generator)
+
+    def save(self, path, **kw) -> str:
+        """Write to a zarr v3 store (see :func:`nngeo_dist.store.objects.save`); in a group
+        every rank calls it and writes its own rows."""
+        from ...store.objects import save
+
+        return save(self, path, **kw)
+
+    def _row_counts(self) -> list:
+        """Rows (c n_r) of every rank."""
+        return [self.data.shape[0] * k for k in self.layout.counts]
+
     def frobenius_norm(self):
         J = self._rows()
-        if self.group is None and J.shape[0] < J.shape[1]:
-            G = J @ J.t()  # ||J^T J||_F = ||J J^T||_F, the smaller one
-            return torch.linalg.matrix_norm(G) / self.n
-        return torch.linalg.matrix_norm(self.to_torch())
+        m, d = sum(self._row_counts()), J.shape[1]
+        if self.group is None:
+            if J.shape[0] < J.shape[1]:
+                return torch.linalg.matrix_norm(J @ J.t()) / self.n  # ||J^T J|| = ||J J^T||
+            return torch.linalg.matrix_norm(self.to_torch())
+        if m >= d:
+            return torch.linalg.matrix_norm(self.to_torch())
+        # ||J J^T||_F^2 = sum_{r,s} ||J_r J_s^T||^2 = sum_r ||J_r J_r^T||^2 + 2 sum_{r<s} ...
+        from ...dist.exchange import broadcast_from
+
+        me, counts = group_rank(self.group), self._row_counts()
+        acc = J.new_zeros(())
+        for s in range(group_size(self.group)):
+            if counts[s] == 0:
+                continue
+            Js = broadcast_from(J if s == me else None, s, self.group,
+                                shape=(counts[s], d), dtype=J.dtype, device=J.device)
+            if s == me:
+                acc = acc + (J @ J.t()).pow(2).sum()
+            elif s > me:
+                acc = acc + 2 * (J @ Js.t()).pow(2).sum()
+        return self._sum(acc).sqrt() / self.n
 
     def compute_eigendecomposition(self):
-        """Nonzero spectrum: eigenvalues ascending (r,), eigenvectors (d, r), r <= c n."""
-        if self.group is not None:
-            evals, evecs = torch.linalg.eigh(self.to_torch())
-        else:
-            _, s, vh = torch.linalg.svd(self._rows() / self.n ** 0.5, full_matrices=False)
-            evals, evecs = (s * s).flip(0), vh.flip(0).t()
-        self.evals, self.evecs = evals, evecs
-        return evals, evecs
+        """Nonzero spectrum: eigenvalues ascending (r,), eigenvectors (d, r), r <= c n
+        (eigenvalues below max * max(c n, d) * eps are dropped as zero).
+
+        In a group: each rank reduces its rows to min(c n_r, d) rows with the same Gram
+        (their R factor when c n_r > d), rank 0 gathers them and decomposes by SVD, and
+        broadcasts the result, so every rank holds the same bits."""
+        J = self._rows()
+        d = J.shape[1]
+        m = sum(self._row_counts())
+        if self.group is None:
+            self.evals, self.evecs = _nonzero_spectrum(J, self.n, m, d)
+            return self.evals, self.evecs
+        from ...dist.exchange import broadcast_from, gather_rows
+
+        R = torch.linalg.qr(J, mode="r").R if J.shape[0] > d else J
+        stacked = gather_rows(R, dim=0, dst=0, group=self.group)
+        evals = evecs = None
+        if stacked is not None:
+            evals, evecs = _nonzero_spectrum(stacked, self.n, m, d)
+        r = broadcast_from(None if evals is None else J.new_tensor([evals.numel()]), 0, self.group,
+                           shape=(1,), dtype=J.dtype, device=J.device)
+        r = int(r.item())
+        self.evals = broadcast_from(evals, 0, self.group, shape=(r,), dtype=J.dtype, device=J.device)
+        self.evecs = broadcast_from(evecs, 0, self.group, shape=(d, r), dtype=J.dtype, device=J.device)
+        return self.evals, self.evecs
 
     def get_eigendecomposition(self):
         if self.evals is None:
@@ -86,9 +201,31 @@ class PMatLowRank(PMatAbstract):
         proj = evecs.t() @ x
         return self._vector((x - evecs @ proj) / regul + evecs @ (proj / (evals + regul)))
 
+    # arithmetic ---------------------------------------------------------------------------
     def __rmul__(self, x):
         if x < 0:
             raise ValueError("a PMatLowRank J^T J / n is PSD: it can only be scaled by x >= 0")
-        return PMatLowRank(self.layer_collection, self.data * x ** 0.5, self.n, self.generator, self.group)
+        return PMatLowRank(self.layer_collection, self.data * x ** 0.5, self.n, self.generator,
+                           self.group, self.layout)
 
     __mul__ = __rmul__
+
+    def __add__(self, other):
+        """J_1^T J_1 / n_1 + J_2^T J_2 / n_2 = [J_1 / sqrt(n_1); J_2 / sqrt(n_2)]^T [...]:
+        still low rank, rows stacked (per rank in a group), n = 1."""
+        self._same_kind(other)
+        if other.group is not self.group or other.layout.counts != self.layout.counts:
+            raise ValueError("the two low-rank matrices are sharded differently: build both "
+                             "from the same shards")
+        d = self.data.shape[-1]
+        rows = torch.cat([self._rows() / self.n ** 0.5, other._rows() / other.n ** 0.5]).reshape(1, -1, d)
+        ca, cb = self.data.shape[0], other.data.shape[0]
+        layout = None
+        if self.group is not None:
+            layout = RowLayout(tuple(ca * a + cb * b for a, b in zip(self.layout.counts, other.layout.counts)),
+                               self.layout.rank)
+        return PMatLowRank(self.layer_collection, rows, 1, self.generator, self.group, layout)
+
+    def __sub__(self, other):
+        raise self._no("subtraction (the difference of two J^T J is not PSD, so not of this form)",
+                       "PMatDense")
