@@ -1,0 +1,410 @@
+"""Every parameter-space representation x every zoo model x every operation, against the
+independent float64 oracle (tests/oracle.py: torch.func per-example Jacobians).
+
+Exact representations (PMatDense, PMatLowRank, PMatImplicit) are compared with the oracle's
+dense FIM F; the approximations with the part of F they keep: PMatDiag with diag(F),
+PMatBlockDiag with F's diagonal blocks, one per layer, located with LayerCollection.p_pos.
+Tolerance: relative error <= 1e-10 (float64); CG solve (PMatImplicit) to 1e-8.
+
+An operation a representation has no closed form for must raise NotImplementedError with a
+sentence naming the representation to use instead (DESIGN.md §2); arithmetic a
+representation lacks may either give the right matrix or raise that error, never anything
+else.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import oracle
+from models import MODELS, loader_of, make
+
+from nngeo_dist import FIM
+from nngeo_dist.object import (
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatImplicit,
+    PMatLowRank,
+    PVector,
+)
+
+RTOL = 1e-10
+CG_RTOL = 1e-8
+ALL = list(MODELS)
+REPS = [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatImplicit]
+REP_IDS = [r.__name__ for r in REPS]
+DENSE_LIKE = (PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank)  # materialisable
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def variant_of(c: int) -> str:
+    return "classif_binary_logits" if c == 1 else "classif_logits"
+
+
+# ------------------------------------------------------------------------------------------
+# caches: one oracle and one matrix per (model, representation)
+_CASES: dict = {}
+_MATS: dict = {}
+
+
+class Case:
+    def __init__(self, name):
+        self.name = name
+        self.model, self.batches, self.c = make(name)
+        self.loader = loader_of(self.batches)
+        self.variant = variant_of(self.c)
+        self.F = oracle.fim_dense(self.model, self.batches, self.variant)
+        self.d = self.F.shape[0]
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        self.v = torch.randn(self.d, generator=g, dtype=torch.float64)
+        self.v2 = torch.randn(self.d, generator=g, dtype=torch.float64)
+        # a damping comparable to the mean eigenvalue: well conditioned, not negligible
+        self.regul = 0.1 * self.F.trace().item() / self.d + 1e-6
+
+
+def case(name) -> Case:
+    if name not in _CASES:
+        _CASES[name] = Case(name)
+    return _CASES[name]
+
+
+def mat(name, rep):
+    key = (name, rep)
+    if key not in _MATS:
+        cs = case(name)
+        _MATS[key] = FIM(cs.model, cs.loader, rep, variant=cs.variant)
+    return _MATS[key]
+
+
+def expected(name, rep) -> torch.Tensor:
+    """The part of the oracle's FIM that ``rep`` represents."""
+    return project(name, rep, case(name).F)
+
+
+def project(name, rep, F) -> torch.Tensor:
+    """The part of the dense (d, d) ``F`` that ``rep`` keeps."""
+    if rep is PMatDiag:
+        return torch.diag(torch.diagonal(F))
+    if rep is PMatBlockDiag:
+        lc = mat(name, rep).layer_collection
+        mask = torch.zeros_like(F, dtype=torch.bool)
+        for lname, layer in lc.layers.items():
+            s = lc.p_pos[lname]
+            mask[s : s + layer.numel(), s : s + layer.numel()] = True
+        return torch.where(mask, F, torch.zeros_like(F))
+    return F
+
+
+def pvec(M, flat) -> PVector:
+    return PVector(M.layer_collection, vector_repr=flat.clone())
+
+
+def assert_no_closed_form(fn):
+    with pytest.raises(NotImplementedError) as e:
+        fn()
+    msg = str(e.value)
+    assert "instead" in msg and "PMat" in msg, f"no alternative named in: {msg!r}"
+
+
+def value_or_no_closed_form(fn, check):
+    """Either the operation works (``check`` its result) or it raises NotImplementedError
+    naming an alternative. Any other exception (e.g. a bare TypeError) fails."""
+    try:
+        out = fn()
+    except NotImplementedError as e:
+        msg = str(e)
+        assert "instead" in msg and "PMat" in msg, f"no alternative named in: {msg!r}"
+        return
+    check(out)
+
+
+pm = pytest.mark.parametrize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+models = pm("name", ALL)
+reps = pm("rep", REPS, ids=REP_IDS)
+
+
+# ------------------------------------------------------------------------------------------
+# sanity of the setup: the oracle's FIM is not trivial for any model
+@models
+def test_oracle_fim_nontrivial(name):
+    F = case(name).F
+    assert torch.isfinite(F).all()
+    assert F.trace() > 0
+    # at least two layers contribute (the zoo has >= 2 parametrised layers per model)
+    lc = mat(name, PMatDiag).layer_collection
+    assert len(lc.layers) >= 2
+    assert lc.numel() == F.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# operations every representation has
+@models
+@reps
+def test_mv(name, rep):
+    cs, M = case(name), mat(name, rep)
+    out = M.mv(pvec(M, cs.v))
+    assert isinstance(out, PVector)
+    assert out.layer_collection == M.layer_collection
+    assert rel(out.to_torch(), expected(name, rep) @ cs.v) <= RTOL
+
+
+@models
+@reps
+def test_vTMv(name, rep):
+    cs, M = case(name), mat(name, rep)
+    got = M.vTMv(pvec(M, cs.v))
+    assert got.dim() == 0
+    assert rel(got, cs.v @ expected(name, rep) @ cs.v) <= RTOL
+
+
+@models
+@reps
+def test_trace(name, rep):
+    M = mat(name, rep)
+    assert rel(M.trace(), torch.trace(expected(name, rep))) <= RTOL
+
+
+@models
+@reps
+def test_get_diag(name, rep):
+    M = mat(name, rep)
+    diag = M.get_diag()
+    assert diag.shape == (case(name).d,)
+    assert rel(diag, torch.diagonal(expected(name, rep))) <= RTOL
+
+
+@models
+@reps
+def test_size(name, rep):
+    M, d = mat(name, rep), case(name).d
+    assert tuple(M.size()) == (d, d)
+    assert M.size(0) == d and M.size(1) == d
+
+
+@models
+@pm("rep", DENSE_LIKE, ids=[r.__name__ for r in DENSE_LIKE])
+def test_to_torch(name, rep):
+    M = mat(name, rep)
+    T = M.to_torch()
+    assert T.shape == (case(name).d,) * 2 and T.dtype == torch.float64
+    assert rel(T, expected(name, rep)) <= RTOL
+
+
+@models
+@pm("rep", DENSE_LIKE, ids=[r.__name__ for r in DENSE_LIKE])
+def test_frobenius_norm(name, rep):
+    M = mat(name, rep)
+    assert rel(M.frobenius_norm(), torch.linalg.matrix_norm(expected(name, rep))) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# solve / inverse
+@models
+@pm("rep", DENSE_LIKE, ids=[r.__name__ for r in DENSE_LIKE])
+def test_solve(name, rep):
+    """x = M.solve(v, regul) satisfies (M + regul I) x = v."""
+    cs, M = case(name), mat(name, rep)
+    E = expected(name, rep)
+    A = E + cs.regul * torch.eye(cs.d, dtype=E.dtype)
+    x = M.solve(pvec(M, cs.v), regul=cs.regul)
+    assert isinstance(x, PVector)
+    x = x.to_torch()
+    assert rel(A @ x, cs.v) <= RTOL  # residual
+    assert rel(x, torch.linalg.solve(A, cs.v)) <= RTOL  # forward error
+
+
+@models
+def test_implicit_cg_solve(name):
+    """PMatImplicit.solve is conjugate gradients: (F + regul I) x = v to ~1e-8.
+
+    Each CG step is a pass over the data, so this runs on the first batch alone (its own
+    oracle), with a damping of the order of the mean eigenvalue.
+    """
+    cs = case(name)
+    first = cs.batches[:1]
+    F = oracle.fim_dense(cs.model, first, cs.variant)
+    regul = F.trace().item() / cs.d + 1e-6
+    M = FIM(cs.model, loader_of(first), PMatImplicit, variant=cs.variant)
+    A = F + regul * torch.eye(cs.d, dtype=F.dtype)
+    x = M.solve(pvec(M, cs.v), regul=regul, tol=1e-10)
+    assert isinstance(x, PVector)
+    x = x.to_torch()
+    assert rel(A @ x, cs.v) <= CG_RTOL
+    assert rel(x, torch.linalg.solve(A, cs.v)) <= CG_RTOL
+
+
+@models
+@pm("rep", [PMatDense, PMatDiag, PMatBlockDiag], ids=["PMatDense", "PMatDiag", "PMatBlockDiag"])
+def test_inverse(name, rep):
+    cs, M = case(name), mat(name, rep)
+    E = expected(name, rep)
+    A = E + cs.regul * torch.eye(cs.d, dtype=E.dtype)
+    inv = M.inverse(regul=cs.regul)
+    assert type(inv) is rep
+    assert rel(inv.to_torch(), torch.linalg.inv(A)) <= RTOL
+    # the inverse is a matrix of the same representation: its mv is A^{-1} v
+    assert rel(inv.mv(pvec(M, cs.v)).to_torch(), torch.linalg.solve(A, cs.v)) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# arithmetic: +, -, scalar *
+def other(name, rep):
+    """A second matrix of the same representation on the same layers: the regression FIM."""
+    key = (name, rep, "regression")
+    if key not in _MATS:
+        cs = case(name)
+        _MATS[key] = FIM(cs.model, cs.loader, rep, variant="regression")
+    return _MATS[key]
+
+
+def expected_other(name, rep) -> torch.Tensor:
+    cs = case(name)
+    if not hasattr(cs, "F_reg"):
+        cs.F_reg = oracle.fim_dense(cs.model, cs.batches, "regression")
+    return project(name, rep, cs.F_reg)
+
+
+def _check_combination(name, rep, want):
+    cs, M = case(name), mat(name, rep)
+    scale = expected(name, rep).norm() + expected_other(name, rep).norm()
+
+    def check(S):
+        assert type(S) is rep
+        if rep is PMatImplicit:
+            v = pvec(M, cs.v)
+            assert (S.vTMv(v) - cs.v @ want @ cs.v).abs() <= RTOL * (cs.v @ cs.v) * scale
+            assert (S.mv(v).to_torch() - want @ cs.v).norm() <= RTOL * cs.v.norm() * scale
+        else:
+            assert (S.to_torch() - want).norm() <= RTOL * scale
+
+    return check
+
+
+@models
+@reps
+def test_add(name, rep):
+    M, R = mat(name, rep), other(name, rep)
+    want = expected(name, rep) + expected_other(name, rep)
+    value_or_no_closed_form(lambda: M + R, _check_combination(name, rep, want))
+
+
+@models
+@reps
+def test_sub(name, rep):
+    M, R = mat(name, rep), other(name, rep)
+    want = expected(name, rep) - expected_other(name, rep)
+    value_or_no_closed_form(lambda: M - R, _check_combination(name, rep, want))
+
+
+@models
+@reps
+@pm("x", [2.5, 0.25])
+def test_scalar_mul(name, rep, x):
+    cs, M = case(name), mat(name, rep)
+    E = expected(name, rep)
+
+    def check(S):
+        assert type(S) is rep
+        if rep is PMatImplicit:
+            assert rel(S.vTMv(pvec(M, cs.v)), x * (cs.v @ E @ cs.v)) <= RTOL
+        else:
+            assert rel(S.to_torch(), x * E) <= RTOL
+            assert rel((M * x).to_torch(), x * E) <= RTOL  # both sides
+
+    value_or_no_closed_form(lambda: x * M, check)
+
+
+@models
+@pm("rep", [PMatDense, PMatDiag, PMatBlockDiag], ids=["PMatDense", "PMatDiag", "PMatBlockDiag"])
+def test_negative_scalar_mul(name, rep):
+    M = mat(name, rep)
+    assert rel((-2.0 * M).to_torch(), -2.0 * expected(name, rep)) <= RTOL
+
+
+def test_lowrank_negative_scalar_refused():
+    """J^T J / n scaled by x < 0 is not PSD: PMatLowRank refuses with a reason."""
+    M = mat("linear", PMatLowRank)
+    with pytest.raises(ValueError, match="x >= 0"):
+        -1.0 * M
+
+
+# ------------------------------------------------------------------------------------------
+# eigendecompositions (Dense, LowRank)
+@models
+def test_dense_eigendecomposition(name):
+    M, F = mat(name, PMatDense), case(name).F
+    evals, evecs = M.compute_eigendecomposition()
+    ref = torch.linalg.eigvalsh(F)
+    scale = ref.abs().max()
+    assert evals.shape == ref.shape
+    assert (evals - ref).abs().max() <= RTOL * scale
+    assert rel(evecs @ torch.diag(evals) @ evecs.t(), F) <= RTOL
+    eye = torch.eye(evecs.shape[1], dtype=evecs.dtype)
+    assert (evecs.t() @ evecs - eye).abs().max() <= RTOL
+    got2 = M.get_eigendecomposition()
+    assert torch.equal(got2[0], evals) and torch.equal(got2[1], evecs)
+
+
+@models
+def test_lowrank_eigendecomposition(name):
+    M, F = mat(name, PMatLowRank), case(name).F
+    evals, evecs = M.compute_eigendecomposition()
+    r = evals.shape[0]
+    assert evecs.shape == (F.shape[0], r)
+    assert r <= min(F.shape[0], case(name).c * 11)
+    ref = torch.linalg.eigvalsh(F)[-r:]  # the r largest, ascending
+    scale = ref.abs().max()
+    assert (evals - ref).abs().max() <= RTOL * scale
+    assert rel(evecs @ torch.diag(evals) @ evecs.t(), F) <= RTOL
+    eye = torch.eye(r, dtype=evecs.dtype)
+    assert (evecs.t() @ evecs - eye).abs().max() <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# what has no closed form
+@models
+def test_implicit_no_closed_form(name):
+    M = mat(name, PMatImplicit)
+    assert_no_closed_form(M.to_torch)
+    assert_no_closed_form(M.frobenius_norm)
+    assert_no_closed_form(lambda: M.inverse(regul=1e-3))
+
+
+@models
+def test_lowrank_inverse_no_closed_form(name):
+    M = mat(name, PMatLowRank)
+    assert_no_closed_form(lambda: M.inverse(regul=1e-3))
+
+
+def test_combining_two_representations_refused():
+    D, G = mat("linear", PMatDense), mat("linear", PMatDiag)
+    with pytest.raises(TypeError, match="convert both to one representation"):
+        D + G
+    with pytest.raises(TypeError, match="convert both to one representation"):
+        G - D
+
+
+# ------------------------------------------------------------------------------------------
+# consistency of the approximations with the exact matrix, on the same model
+@models
+def test_approximations_agree_with_dense(name):
+    D = mat(name, PMatDense).to_torch()
+    assert rel(mat(name, PMatDiag).get_diag(), torch.diagonal(D)) <= RTOL
+    assert rel(mat(name, PMatBlockDiag).to_torch(), expected(name, PMatBlockDiag)) <= RTOL
+    assert rel(mat(name, PMatLowRank).to_torch(), D) <= RTOL
