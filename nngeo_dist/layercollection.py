@@ -81,14 +81,20 @@ class LayerCollection:
 
         A module holding parameters of its own that is not supported raises
         :class:`UnsupportedLayerError` naming it, unless ``ignore_unsupported_layers``.
-        Parameters shared between two layers (tied weights) are refused: a flat vector
-        would count them twice.
+        A module whose parameters all belong to an earlier layer (tied weights) is not
+        added again: each parameter appears once in the flat vector. Per-layer
+        representations then refuse the model (they would miss the second use);
+        PMatImplicit differentiates through every use.
         """
         lc = LayerCollection()
         seen: dict[int, str] = {}
         for name, mod in model.named_modules():
             own = [p for p in mod.parameters(recurse=False)]
             if not own:
+                continue
+            if all(id(p) in seen for p in own):
+                # a module whose parameters all belong to an earlier layer (tied weights):
+                # the parameters are counted once, under their first owner
                 continue
             kind = type(mod).__name__
             if kind not in LAYER_TYPES:
@@ -103,9 +109,12 @@ class LayerCollection:
             for p in own:
                 if id(p) in seen:
                     raise ValueError(
-                        f"parameter of module '{name}' is shared with module '{seen[id(p)]}' "
-                        "(tied weights): per-layer representations would count it twice; "
-                        "use PMatImplicit, or a LayerCollection that holds only one of them"
+                        f"module '{name}' shares a parameter with module '{seen[id(p)]}' (tied "
+                        "weights) but also has parameters of its own, which a flat parameter "
+                        "vector cannot hold once each; use PMatImplicit on a LayerCollection "
+                        f"holding '{seen[id(p)]}' and not '{name}' (lc = LayerCollection(); "
+                        "lc.add_layer_from_model(model, module) for each layer): it "
+                        "differentiates through every use of the tied parameter"
                     )
                 seen[id(p)] = name
             lc.add_layer_from_model(model, mod, name=name)

@@ -268,9 +268,6 @@ def test_fim_montecarlo_within_standard_errors(variant):
     assert s < 0.05 * ref.norm()  # the test has power: 5 s is a few % of ||F||
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PMatImplicit.mv on a Monte-Carlo FIM draws new "
-                   "labels for its reverse-mode pass (functional vjp re-runs the sampling root), "
-                   "so mv estimates E[g1 g2^T] = 0 instead of F")
 def test_fim_montecarlo_implicit_mv():
     """PMatImplicit on a Monte-Carlo FIM: mv(v) = 1/n sum_i mean_t g_it (g_it . v) must use
     the same draws in its forward-mode and reverse-mode halves."""

@@ -23,6 +23,10 @@ class NonFiniteOutputError(FloatingPointError):
     pass
 
 
+class PerLayerCaptureError(RuntimeError):
+    """The per-layer route (hooks) cannot split a parameter's gradient between its uses."""
+
+
 @dataclass
 class Captured:
     """What one minibatch left: ``out`` (N, K) outputs, per-layer inputs and output grads.
@@ -74,7 +78,7 @@ class LayerRecorder:
     def _hook(self, name):
         def hook(mod, inp, out):
             if name in self.outputs:
-                raise RuntimeError(
+                raise PerLayerCaptureError(
                     f"module '{name}' was called twice in one forward pass (shared or "
                     "recurrent use): per-layer representations cannot split its gradient; "
                     "use PMatImplicit, or a LayerCollection without this module"
@@ -147,6 +151,13 @@ class Capturer:
         self.maths = {n: l.math for n, l in layer_collection.layers.items()}
         self.max_outputs = max_outputs
         self._batched = True
+        self.foreign_users = _foreign_users(model, layer_collection, self.l_to_m)
+
+    def check_modules(self) -> None:
+        """Refuse module states in which per-example gradients are undefined, before any
+        forward pass (a training-mode BatchNorm would update its running statistics)."""
+        for name, mod in self.l_to_m.items():
+            self.maths[name].check_capture(mod, name)
 
     def forward(self, batch: Sequence) -> tuple[Tensor, LayerRecorder]:
         rec = LayerRecorder(self.l_to_m, self.maths)
@@ -178,6 +189,13 @@ class Capturer:
 
     def capture(self, batch: Sequence) -> "Iterator[tuple[range, Captured]]":
         """Yield (output slice, Captured) for chunks of at most ``max_outputs`` outputs."""
+        if self.foreign_users:
+            users = ", ".join(f"'{m}' (tied to '{l}')" for m, l in self.foreign_users)
+            raise PerLayerCaptureError(
+                f"parameters of the collection are also used by module(s) {users}: "
+                "per-layer representations would miss that use; use PMatImplicit, which "
+                "differentiates through every use of a tied parameter"
+            )
         out, rec = self.forward(batch)
         names = [n for n in self.l_to_m if n in rec.outputs]
         K = out.shape[1]
@@ -203,3 +221,22 @@ class Capturer:
                 log.info("vectorised backward unavailable (%s); one backward per output", e)
                 self._batched = False
         return _output_grads(out, tensors, ks, batched=False)
+
+
+def _foreign_users(model: nn.Module, layer_collection, l_to_m: dict) -> list:
+    """(module, layer) pairs where a module outside the collection owns a parameter of the
+    collection's layer (tied weights)."""
+    owner = {}
+    for name, mod in l_to_m.items():
+        for p in mod.parameters(recurse=False):
+            owner[id(p)] = name
+    hooked = set(id(m) for m in l_to_m.values())
+    out = []
+    for mname, mod in model.named_modules():
+        if id(mod) in hooked:
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) in owner:
+                out.append((mname, owner[id(p)]))
+                break
+    return out

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jacrev, jvp, vmap
 
 
 class _AsModule(nn.Module):
@@ -50,3 +50,17 @@ class FunctionalModel:
         with torch.enable_grad():
             out = self(params, batch)
         return list(torch.autograd.grad(out, params, grad_outputs=cotangent, allow_unused=True))
+
+    def per_example_jacobians(self, batch: Sequence) -> list[Tensor]:
+        """Per parameter, (N, K, *shape): d f_k(x_n) / d param, one example at a time (vmap)."""
+        params = tuple(p.detach() for p in self.params)
+        tensors = [i for i, t in enumerate(batch) if isinstance(t, Tensor)]
+
+        def single(ps, *examples):
+            full = list(batch)
+            for i, e in zip(tensors, examples):
+                full[i] = e.unsqueeze(0)
+            return self(ps, full)[0]
+
+        jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(tensors))(params, *[batch[i] for i in tensors])
+        return list(jac)

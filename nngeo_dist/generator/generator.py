@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import Capturer
+from .capture import Capturer, PerLayerCaptureError, _check_finite
 from .functional import FunctionalModel
 from .statistics import Statistics
 
@@ -60,6 +60,9 @@ class Generator:
         params = self.layer_collection.parameters(model)
         self.device = params[0].device
         self.dtype = params[0].dtype
+        #: the torch.Generator a random function draws from (None: torch's global one)
+        self.rng: Optional[torch.Generator] = None
+        self._rng_snapshot = None
 
     # iteration ------------------------------------------------------------------------
     def batches(self, loader: Iterable, desc: str = "") -> Iterable[tuple]:
@@ -84,6 +87,7 @@ class Generator:
     def _captures(self, loader, desc):
         """Yield (ks, Captured) for every batch and output chunk; count examples."""
         self.last_count = 0
+        self.capturer.check_modules()
         for batch in self.batches(loader, desc):
             first = True
             for ks, cap in self.capturer.capture(batch):
@@ -117,6 +121,19 @@ class Generator:
             ])}
 
         return self._accumulate(loader, "diag", {"diag": self._zeros(self.layer_collection.numel())}, per_batch)
+
+    def functional_diag_statistics(self, loader) -> Statistics:
+        """Like :meth:`diag_statistics` through ``torch.func`` per-example Jacobians: slower,
+        but exact where per-layer hooks cannot be used (a module called twice, tied weights)."""
+        d = self.layer_collection.numel()
+        diag = self._zeros(d)
+        count = 0
+        self.capturer.check_modules()
+        for batch in self.batches(loader, "diag (functional)"):
+            jac = self.functional.per_example_jacobians(batch)
+            diag += torch.cat([(j * j).sum(dim=(0, 1)).reshape(-1) for j in jac]).detach()
+            count += jac[0].shape[0]
+        return Statistics({"diag": diag}, count)
 
     def per_example_grads(self, cap) -> Tensor:
         """(K, N, d) per-example gradients of one captured batch, in flat order."""
@@ -197,8 +214,16 @@ class Generator:
     def jvp_batches(self, loader, v_tensors: Sequence[Tensor]):
         """Yield (batch, f (N, K), J v (N, K)) for each batch."""
         v_tensors = self._project_tangents(v_tensors)
+        self.capturer.check_modules()
         for batch in self.batches(loader, "J v"):
+            self._rng_snapshot = self._rng_state()
             out, jv = self.functional.jvp(batch, v_tensors)
+            _check_finite(out)
+            if not torch.isfinite(jv).all():
+                raise FloatingPointError(
+                    "J v contains NaN or Inf although the outputs are finite: some gradients "
+                    "are not finite (e.g. an Inf input that the network saturates); check the data"
+                )
             self._check_n_output(out.shape[1])
             yield batch, out, jv
 
@@ -210,7 +235,27 @@ class Generator:
                 out.append(next(it))
         return out
 
+    def _rng_state(self):
+        if self.rng is not None:
+            return ("gen", self.rng.get_state())
+        if self.device.type == "cuda":
+            return ("cuda", torch.cuda.get_rng_state(self.device))
+        return ("cpu", torch.get_rng_state())
+
+    def _restore_rng(self, snapshot) -> None:
+        kind, state = snapshot
+        if kind == "gen":
+            self.rng.set_state(state)
+        elif kind == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
     def vjp(self, batch, u: Tensor) -> list[Tensor]:
+        """J^T u for the batch last seen by :meth:`jvp_batches`; a random function (a
+        Monte-Carlo FIM root) replays the draws of that forward-mode pass."""
+        if self._rng_snapshot is not None:
+            self._restore_rng(self._rng_snapshot)
         grads = self.functional.vjp(batch, u)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.functional.params)]
 

@@ -44,6 +44,17 @@ def layer_math_for(kind: str) -> "LayerMath":
         raise TypeError(f"no kernels for layer type {kind}") from None
 
 
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+class KFACUnsupportedError(TypeError, NotImplementedError):
+    """A layer whose Fisher block KFAC cannot factor (BatchNorm, LayerNorm, ...)."""
+
+
 def _square_sum_rows(x: Tensor) -> Tensor:
     """(K, N, p) -> (p,): sum over k and n of squares."""
     return (x * x).sum(dim=(0, 1))
@@ -77,16 +88,59 @@ class LayerMath:
     def trace(self, mod, a, g) -> Tensor:
         return self.diag(mod, a, g).sum()
 
-    def quasidiag(self, mod, a, g, layer) -> tuple[Tensor, Tensor]:
-        """Diagonal (numel,) and, per bias coefficient o, the cross terms with row o of the
-        weight, (o, numel_w / o): sum over k, n of  d_{W[o, :]} * d_{b[o]}."""
+    # quasi-diagonal (Ollivier 2015) -----------------------------------------------------
+    def quasidiag_owner(self, layer) -> Tensor:
+        """(numel_w,) for each weight coefficient (flat order), the bias coefficient it
+        interacts with in the quasi-diagonal representation. Default: the weight's leading
+        dimensions are the bias's (Linear, Conv: one row per output unit; normalisation
+        layers: one weight per bias)."""
+        b, nw = layer.bias_numel, layer.weight_numel
+        if b == 0 or nw % b or tuple(layer.weight_shape[:len(layer.bias_shape)]) != tuple(layer.bias_shape):
+            raise TypeError(
+                f"the quasi-diagonal representation does not know how the weight of a "
+                f"{layer.kind} layer {tuple(layer.weight_shape)} maps onto its bias "
+                f"{layer.bias_shape}: use PMatDiag or PMatBlockDiag for it"
+            )
+        return torch.arange(b).repeat_interleave(nw // b)
+
+    def quasidiag(self, mod, a, g, layer) -> tuple[Tensor, Optional[Tensor]]:
+        """Diagonal (numel,) and, for a layer with a bias, the cross terms (numel_w,) in the
+        weight's flat order: sum over k, n of d_{w} * d_{b[owner(w)]} (None without bias)."""
+        if not layer.has_bias:
+            return self.diag(mod, a, g), None
         pg = self.per_example_grads(mod, a, g)
+        d = _square_sum_rows(pg)
         nw = layer.weight_numel
-        n_out = layer.bias_numel
-        w = pg[..., :nw].reshape(pg.shape[0], pg.shape[1], n_out, -1)
-        b = pg[..., nw:]
-        cross = torch.einsum("knoi,kno->oi", w, b)
-        return _square_sum_rows(pg), cross
+        owner = self.quasidiag_owner(layer).to(pg.device)
+        cross = (pg[..., :nw] * pg[..., nw:][..., owner]).sum(dim=(0, 1))
+        return d, cross
+
+    # KFAC (DESIGN.md §1): only layers whose block factors as A (x) G override these ----
+    kfac_A_diagonal = False  # the input factor is stored as its diagonal (Embedding)
+
+    def _no_kfac(self, what: str) -> "KFACUnsupportedError":
+        return KFACUnsupportedError(
+            f"KFAC cannot factor {what}: its Fisher block is not a Kronecker product of an "
+            "input and an output-gradient factor. Use one representation per layer, e.g. "
+            "FIM(..., representation={\"Linear\": PMatKFAC, \"Conv2d\": PMatKFAC, "
+            "\"default\": PMatBlockDiag})"
+        )
+
+    def kfac_dims(self, layer, name: str = "?") -> tuple[int, int]:
+        """(o, i'): sizes of the G and A factors (i' counts a bias's trailing 1)."""
+        raise self._no_kfac(f"layer '{name}' ({layer.kind})")
+
+    def kfac_A(self, mod, a) -> Tensor:
+        raise self._no_kfac(f"a {type(mod).__name__} layer")
+
+    def kfac_G(self, mod, g) -> Tensor:
+        raise self._no_kfac(f"a {type(mod).__name__} layer")
+
+    def kfe_inputs(self, mod, a, evecs_a):
+        raise self._no_kfac(f"a {type(mod).__name__} layer")
+
+    def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None) -> Tensor:
+        raise self._no_kfac(f"a {type(mod).__name__} layer")
 
     # Gram (NTK) contributions -------------------------------------------------------------
     def gram_features(self, mod, a, g, n_total: Optional[int] = None):
@@ -159,12 +213,32 @@ class AffineMath(LayerMath):
 
     def quasidiag(self, mod, a, g, layer):
         p, q = self.patches(mod, a), self.positions(mod, g)
-        if p.shape[1] != 1 or self.weight_layout != "oi":
+        if self.weight_layout != "oi":
             return super().quasidiag(mod, a, g, layer)
-        p, q = p[:, 0], q[:, :, 0]
+        if p.shape[1] != 1:
+            # per-example gradients output by output, (N, o, i) each: no (K, N, o, i)
+            # temporary, inputs and gradients read in the layouts they come in
+            K, N, T, o = q.shape
+            dw = q.new_zeros(o, p.shape[-1])
+            db = q.new_zeros(o)
+            cross = q.new_zeros(o, p.shape[-1])
+            for k in range(K):
+                qk = q[k].transpose(1, 2)  # (N, o, T)
+                gw = torch.bmm(qk, p)
+                dw += (gw * gw).sum(dim=0)
+                if layer.has_bias:
+                    gb = qk.sum(dim=2)  # (N, o)
+                    db += (gb * gb).sum(dim=0)
+                    cross += (gw * gb[:, :, None]).sum(dim=0)
+            if not layer.has_bias:
+                return dw.reshape(-1), None
+            return torch.cat([dw.reshape(-1), db]), cross.reshape(-1)
         d = self.diag(mod, a, g)
+        if not layer.has_bias:
+            return d, None
+        p, q = p[:, 0], q[:, :, 0]
         cross = (q * q).sum(0).t() @ p  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
-        return d, cross
+        return d, cross.reshape(-1)
 
     def jvp(self, mod, a, g, v):
         p, q = self.patches(mod, a), self.positions(mod, g)
@@ -177,32 +251,104 @@ class AffineMath(LayerMath):
         return out
 
     # KFAC factors (sums; DESIGN.md §1) ----------------------------------------------------
+    def kfac_dims(self, layer, name: str = "?") -> tuple[int, int]:
+        ws = layer.weight_shape
+        if self.weight_layout == "io":
+            i, o = ws[0], _prod(ws[1:])
+        else:
+            o, i = ws[0], _prod(ws[1:])
+        return o, i + (1 if layer.has_bias else 0)
+
+    def kfac_to_mat(self, layer, x: Tensor) -> Tensor:
+        """(..., numel) layer coefficients in flat order -> (..., o, i') matrices, the bias
+        as the last column (the layout in which the KFAC block acts as V -> G V A)."""
+        o, i1 = self.kfac_dims(layer)
+        nw = layer.weight_numel
+        i = i1 - 1 if layer.has_bias else i1
+        w = self.flat_to_oi(x[..., :nw], o, i)
+        if not layer.has_bias:
+            return w
+        return torch.cat([w, x[..., nw:].unsqueeze(-1)], dim=-1)
+
+    def kfac_from_mat(self, layer, m: Tensor) -> Tensor:
+        """Inverse of :meth:`kfac_to_mat`."""
+        if not layer.has_bias:
+            return self.oi_to_flat(m)
+        return torch.cat([self.oi_to_flat(m[..., :-1]), m[..., -1]], dim=-1)
+
     def kfac_A(self, mod, a) -> Tensor:
-        """(i', i') sum over examples and positions of p p^T, p with a trailing 1 for a bias."""
-        p = self.patches(mod, a).flatten(0, 1)
-        if self.has_bias(mod):
-            p = torch.cat([p, torch.ones_like(p[:, :1])], dim=1)
-        return p.t() @ p
+        """(i', i') sum over examples and positions of p p^T, p with a trailing 1 for a bias
+        (the bias row and column are the patches' sum and count: no ones are appended)."""
+        p = self.patches(mod, a)
+        N, T, i = p.shape
+        if T >= i:
+            # many positions (convolutions): one (i, T) x (T, i) product per example, read
+            # in the layout the patches come in (no copy)
+            A = torch.bmm(p.transpose(1, 2), p).sum(dim=0)
+        else:
+            p = p.reshape(-1, i)
+            A = p.t() @ p
+        if not self.has_bias(mod):
+            return A
+        s = p.sum(dim=tuple(range(p.dim() - 1)))
+        out = A.new_empty(i + 1, i + 1)
+        out[:-1, :-1] = A
+        out[:-1, -1] = s
+        out[-1, :-1] = s
+        out[-1, -1] = N * T
+        return out
 
     def kfac_G(self, mod, g) -> Tensor:
         """(o, o) sum over outputs and examples of (1/T) sum_t g_t g_t^T."""
         q = self.positions(mod, g)
-        T = q.shape[2]
-        q = q.flatten(0, 2)
+        K, N, T, o = q.shape
+        if T >= o:
+            # many positions (convolutions): one (o, T) x (T, o) product per (k, n), read
+            # in the layout the gradients come in; the (K N, o, o) temporary is smaller
+            # than the gradients themselves
+            q = q.reshape(K * N, T, o)
+            return torch.bmm(q.transpose(1, 2), q).sum(dim=0) / T
+        q = q.reshape(-1, o)
         return (q.t() @ q) / T
 
-    def kfe_diag(self, mod, a, g, evecs_a: Tensor, evecs_g: Tensor) -> Tensor:
-        """(o, i') sum over k, n of squared per-example gradients in the Kronecker eigenbasis."""
-        p = self.patches(mod, a)
-        if self.has_bias(mod):
-            p = torch.cat([p, torch.ones_like(p[..., :1])], dim=-1)
-        q = self.positions(mod, g)
-        pk = p @ evecs_a if evecs_a.dim() == 2 else p * evecs_a
-        qk = q @ evecs_g
+    def kfe_inputs(self, mod, a, evecs_a: Optional[Tensor]) -> Tensor:
+        """The input side of :meth:`kfe_diag`, which does not depend on the outputs (so a
+        caller chunking the outputs computes it once per batch): patches with a trailing 1
+        projected on ``evecs_a`` (None: the identity), (N, i') for one position, else
+        (N, i', T) (the layout a convolution's unfolded input comes in)."""
+        p = self.patches(mod, a)  # (N, T, i)
+        i = p.shape[-1]
+        bias = self.has_bias(mod)
         if p.shape[1] == 1:
-            return (qk[:, :, 0] ** 2).sum(0).t() @ (pk[:, 0] ** 2)
-        gw = torch.einsum("knto,nti->knoi", qk, pk)
-        return (gw * gw).sum(dim=(0, 1))
+            p = p[:, 0]
+            if bias:
+                p = torch.cat([p, torch.ones_like(p[:, :1])], dim=1)
+            return p if evecs_a is None else p @ evecs_a
+        pt = p.transpose(1, 2)  # (N, i, T)
+        if evecs_a is None:
+            return torch.cat([pt, torch.ones_like(pt[:, :1])], dim=1) if bias else pt
+        pkt = evecs_a[:i].t() @ pt
+        return pkt + evecs_a[i][:, None] if bias else pkt
+
+    def kfe_diag(self, mod, a, g, evecs_a: Optional[Tensor], evecs_g: Tensor, inputs: Optional[Tensor] = None) -> Tensor:
+        """(o, i') sum over k, n of squared per-example gradients in the Kronecker
+        eigenbasis ``evecs_g (x) evecs_a`` (``evecs_a`` None: the identity); ``inputs``:
+        :meth:`kfe_inputs` if already computed for this batch."""
+        pk = self.kfe_inputs(mod, a, evecs_a) if inputs is None else inputs
+        q = self.positions(mod, g)  # (K, N, T, o)
+        K, N, T, o = q.shape
+        if T == 1:
+            return ((q[:, :, 0] @ evecs_g) ** 2).sum(0).t() @ (pk * pk)
+        # many positions: output gradients projected in the layout they come in
+        # ((K, N, o, T) for a convolution), then one (o, T) x (T, i') product per example
+        # and output, accumulated output by output (no copies, no (K, N, o, i') temporary)
+        qkt = evecs_g.t() @ q.transpose(2, 3)  # (K, N, o, T)
+        out = q.new_zeros(o, pk.shape[1])
+        pk = pk.transpose(1, 2)  # (N, T, i')
+        for k in range(K):
+            gw = torch.bmm(qkt[k], pk)  # (N, o, i')
+            out += (gw * gw).sum(dim=0)
+        return out
 
     # Gram: choose per layer between per-example gradients and the pairwise form --------
     def gram_features(self, mod, a, g, n_total=None):
@@ -352,9 +498,44 @@ class EmbeddingMath(AffineMath):
         t[mod.padding_idx] = 0
         return t
 
+    kfac_A_diagonal = True
+
+    def _tokens(self, mod, a) -> Tensor:
+        """(N, T) token ids; the padding index (no gradient) mapped to -1."""
+        idx = a.reshape(a.shape[0], -1)
+        if mod.padding_idx is not None:
+            idx = torch.where(idx == mod.padding_idx, torch.full_like(idx, -1), idx)
+        return idx
+
     def kfac_A(self, mod, a):
-        """The input factor is diagonal (one-hot patches): returned as its diagonal (V,)."""
-        return self._onehot(mod, a).sum(dim=(0, 1))
+        """The input factor is diagonal (one-hot patches): returned as its diagonal (V,),
+        token counts (the padding row, which gets no gradient, counts 0)."""
+        idx = self._tokens(mod, a).flatten()
+        idx = idx[idx >= 0]
+        return torch.bincount(idx, minlength=mod.num_embeddings).to(mod.weight.dtype)
+
+    def kfe_inputs(self, mod, a, evecs_a):
+        if evecs_a is not None:
+            return super().kfe_inputs(mod, a, evecs_a)
+        return None  # the tokens are read from ``a`` directly
+
+    def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None):
+        """(D, V) without forming one-hot patches: per example, the gradient of row v is
+        the sum of the output gradients at the positions holding token v."""
+        if evecs_a is not None:
+            return super().kfe_diag(mod, a, g, evecs_a, evecs_g, inputs)
+        V = mod.num_embeddings
+        idx = self._tokens(mod, a)  # (N, T)
+        qk = self.positions(mod, g) @ evecs_g  # (K, N, T, D)
+        K, N, T, D = qk.shape
+        keep = (idx >= 0).flatten()
+        key = (torch.arange(N, device=idx.device)[:, None] * V + idx).flatten()[keep]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        rows = torch.zeros(K, uniq.numel(), D, dtype=qk.dtype, device=qk.device)
+        rows.index_add_(1, inv, qk.reshape(K, N * T, D)[:, keep])
+        out = torch.zeros(V, D, dtype=qk.dtype, device=qk.device)
+        out.index_add_(0, uniq % V, (rows * rows).sum(0))
+        return out.t()
 
 
 # --------------------------------------------------------------------------------------
@@ -381,6 +562,12 @@ class ConvTranspose2dMath(LayerMath):
         if mod.bias is None:
             return w
         return torch.cat([w, g.flatten(3).sum(dim=3)], dim=-1)
+
+    def quasidiag_owner(self, layer):
+        # weight (in, out, kh, kw): coefficient W[c, o, :, :] interacts with b[o]
+        cin, out = layer.weight_shape[:2]
+        ks = _prod(layer.weight_shape[2:])
+        return torch.arange(out).repeat_interleave(ks).repeat(cin)
 
 
 # --------------------------------------------------------------------------------------
@@ -459,4 +646,4 @@ class RMSNormMath(ElementwiseAffineMath):
         return F.rms_norm(a, mod.normalized_shape, None, mod.eps)
 
 
-__all__ = ["LAYER_TYPES", "layer_math_for", "LayerMath", "AffineMath", "ElementwiseAffineMath"]
+__all__ = ["LAYER_TYPES", "layer_math_for", "LayerMath", "AffineMath", "ElementwiseAffineMath", "KFACUnsupportedError"]

@@ -44,7 +44,18 @@ class Statistics:
         """Sum over the ranks of ``group`` (a no-op for one process)."""
         from ..dist.reduce import all_reduce_statistics
 
-        return all_reduce_statistics(self, group)
+        return all_reduce_statistics(self, group).check_finite()
+
+    def check_finite(self) -> "Statistics":
+        """Raise if a sum holds NaN or Inf (the same verdict on every rank after a reduce)."""
+        bad = [k for k, v in self.sums.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(
+                f"the sums {bad[:3]} contain NaN or Inf: some per-example gradients are not "
+                "finite (e.g. an Inf or NaN input that the network saturates, or overflow in "
+                "float16); check the data, or compute in float32/float64"
+            )
+        return self
 
     def mean(self, name: str) -> Tensor:
         """The sum ``name`` divided by the example count."""

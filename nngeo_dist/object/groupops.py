@@ -107,7 +107,7 @@ def sum_local_pass(
     carry = [float(c) for c in carry]
     lead = group_rank(group) == 0
     tail = [float(count), 0.0 if error is None else 1.0] + [c if lead else 0.0 for c in carry]
-    flat = torch.cat([total.reshape(-1), total.new_tensor(tail)])
+    flat = torch.cat([total.detach().reshape(-1), total.new_tensor(tail)])
     flat = group_sum(flat, group)
     k = len(carry)
     if group is not None and float(flat[-(k + 1)]) > 0:

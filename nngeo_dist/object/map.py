@@ -46,11 +46,24 @@ def _jacobian_rows_in_group(generator, loader, group) -> tuple[Tensor, RowLayout
     return rows, layout
 
 
+def check_space(layer_collection, v) -> None:
+    """A PVector given to a map must live on the map's LayerCollection."""
+    if not isinstance(v, PVector):
+        raise TypeError(f"expected a PVector, got {type(v).__name__}")
+    if v.layer_collection is not layer_collection and v.layer_collection != layer_collection:
+        raise ValueError(
+            "the PVector belongs to another LayerCollection than this map: build it with "
+            "PVector.from_model(model, J.layer_collection) or on the same layers"
+        )
+
+
 def jacobian_rows(generator, loader, group) -> tuple[Tensor, RowLayout, object]:
     """This rank's Jacobian rows, their layout and the effective group (None: one process)."""
     group = effective_group(group)
     if group is None:
         rows, n = generator.jacobian_rows(loader)
+        if n == 0:
+            raise ValueError("the loader is empty: pass a loader that yields at least one batch")
         return rows, RowLayout.single(n), None
     rows, layout = _jacobian_rows_in_group(generator, loader, group)
     return rows, layout, group
@@ -145,6 +158,7 @@ class PushForwardDense(_RowShardedJacobian):
 
     def mv(self, v: PVector) -> FVector:
         """J v: (c, n) FVector, or this rank's columns as a ShardedFVector in a group."""
+        check_space(self.layer_collection, v)
         return make_fvector(self.data @ v.to_torch(), self.group, self.layout)
 
     jvp = mv
@@ -209,6 +223,7 @@ class PushForwardImplicit:
         return torch.cat(cols, dim=1) if cols else None
 
     def mv(self, v: PVector) -> FVector:
+        check_space(self.layer_collection, v)
         if self.group is None:
             x = self._local(v)
             if x is None:

@@ -109,7 +109,7 @@ class PMatImplicit(PMatAbstract):
 
     def trace(self):
         def per_term(gen, loader):
-            stats = gen.trace_statistics(loader)
+            stats = _diag_statistics(gen, loader, trace_only=True)
             return stats.sums["trace"], stats.count
 
         like = torch.zeros((), dtype=self.generator.dtype, device=self.generator.device)
@@ -117,7 +117,7 @@ class PMatImplicit(PMatAbstract):
 
     def get_diag(self):
         def per_term(gen, loader):
-            stats = gen.diag_statistics(loader)
+            stats = _diag_statistics(gen, loader)
             return stats.sums["diag"], stats.count
 
         like = torch.zeros((), dtype=self.generator.dtype, device=self.generator.device)
@@ -192,3 +192,19 @@ class PMatImplicit(PMatAbstract):
         return self._with([(x * c, g, l) for c, g, l in self.terms])
 
     __mul__ = __rmul__
+
+
+def _diag_statistics(generator, loader, trace_only: bool = False):
+    """Diagonal (or trace) sums by per-layer hooks, or, where hooks cannot split a
+    parameter's gradient between its uses (a module called twice, tied weights), by
+    per-example Jacobians through torch.func."""
+    from ...generator.capture import PerLayerCaptureError
+    from ...generator.statistics import Statistics
+
+    try:
+        return generator.trace_statistics(loader) if trace_only else generator.diag_statistics(loader)
+    except PerLayerCaptureError:
+        stats = generator.functional_diag_statistics(loader)
+        if trace_only:
+            return Statistics({"trace": stats.sums["diag"].sum()}, stats.count)
+        return stats
