@@ -85,6 +85,13 @@ def FIM(
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     _check_n_output_matches(gen, n_output, variant, model, function, loader)
     if store is not None:
+        from .object import PMatLowRank
+        from .object.stored import PMatLowRankStored
+
+        if representation is PMatLowRank:
+            representation = PMatLowRankStored
+        if representation is PMatLowRankStored:  # recorded in the store's fingerprint
+            kw.update(variant=variant, user_function=function)
         kw["store"] = store
     return _build(representation, gen, loader, group, **kw)
 
@@ -135,11 +142,20 @@ def GramMatrix(
     check_parameters: bool = True,
     **kw,
 ):
-    """The NTK Gram tensor K[a, i, b, j] = J_a(x_i) . J_b(x_j), (c, n, c, n)."""
+    """The NTK Gram tensor K[a, i, b, j] = J_a(x_i) . J_b(x_j), (c, n, c, n).
+
+    ``outputs=``: a list of output indices, or ``("diff", c1, c2)`` for f_c2 - f_c1.
+    ``store=path`` (with ``tile=B``): computed tile by tile into a zarr store, returned as
+    a store-backed FMatStored (see nngeo_dist.object.stored)."""
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    function = _select_outputs(model, function, kw)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
+        if representation is FMatDense:
+            from .object.stored import FMatStored
+
+            representation = FMatStored
         kw["store"] = store
     return representation.build(gen, loader, group=group, **_checked(representation.build, kw))
 
@@ -156,16 +172,36 @@ def Jacobian(
     check_parameters: bool = True,
     **kw,
 ):
-    """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default)."""
+    """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default); with
+    ``store=path`` written in chunks (c, B, D0) to a zarr store (PushForwardStored)."""
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    function = _select_outputs(model, function, kw)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
+        from .object import PullBackDense
+        from .object.stored import PullBackStored, PushForwardStored
+
+        if representation is PushForwardDense:
+            representation = PushForwardStored
+        elif representation is PullBackDense:
+            representation = PullBackStored
         kw["store"] = store
     return representation.build(gen, loader, group=group, **_checked(representation.build, kw))
 
 
 _GEN_KEYS = ("max_outputs", "progress")
+
+
+def _select_outputs(model, function, kw: dict):
+    """``function`` restricted to ``kw.pop("outputs")`` (a list of indices, or
+    ("diff", c1, c2) for f_c2 - f_c1); unchanged without ``outputs``."""
+    outputs = kw.pop("outputs", None)
+    if outputs is None:
+        return function
+    from .store.job import select_outputs
+
+    return select_outputs(function or default_function(model), outputs)
 
 
 def _gen_kw(kw: dict) -> dict:

@@ -408,8 +408,9 @@ def _ensure_arrays(group: zarr.Group, spec: StoreSpec) -> None:
     """Create ``data``, ``tiles_done`` and ``tiles_checksum`` where missing (idempotent)."""
     grid = spec.tile_grid
     todo = [
+        # dense floating-point tiles gain ~16% from zstd but take twice as long to write
         (DATA, dict(shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=0,
-                    dimension_names=spec.dim_names)),
+                    dimension_names=spec.dim_names, compressors=None)),
         (TILES_CHECKSUM, dict(shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=-1)),
         (TILES_DONE, dict(shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)),
     ]

@@ -1,0 +1,181 @@
+"""Jacobians ``J`` of shape ``(c, n, d)`` computed row tile by row tile into a zarr store
+(DESIGN.md §4): chunks ``(c, B, D0)``; tile ``(I, K)`` covers examples ``[I*B, (I+1)*B)``
+and parameters ``[K*D0, (K+1)*D0)`` of the flat order.
+
+One rank computes the Jacobian rows of example tile ``I`` (``(c, B, d)`` in memory) and
+writes every parameter chunk ``(I, K)`` of it that is not done yet. Row tiles are split
+between ranks in contiguous runs. Used by ``Jacobian(..., store=path)`` (kind
+``'jacobian'``) and by the FIM's low-rank representation (kind ``'lowrank'``, the Jacobian
+of the FIM square root), through :mod:`nngeo_dist.object.stored`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from .gram import count_outputs, job_function, tile_generator
+from .job import (
+    BackgroundWrites,
+    DataSource,
+    HookedWriter,
+    JobReport,
+    Progress,
+    all_sum_ints,
+    barrier,
+    data_fingerprint,
+    function_identity,
+    model_fingerprint,
+    now,
+    outputs_id,
+    parse_outputs,
+    prepare_store,
+    split_contiguous,
+)
+from .layout import StoreSpec, _store_name, normalise_dtype
+
+log = logging.getLogger("nngeo_dist.store")
+
+__all__ = ["default_jacobian_chunks", "jacobian_spec", "build_jacobian_store"]
+
+#: Default bound on one chunk (c, B, D0), in entries (16 M: 64 MB float32).
+DEFAULT_CHUNK_ENTRIES = 16 * 1024 * 1024
+
+
+def default_jacobian_chunks(n: int, c: int, d: int) -> tuple[int, int]:
+    """``(B, D0)``: ``B`` up to 1024 examples, then ``D0`` so a chunk holds at most 16 M
+    entries (``D0 = d`` when it fits)."""
+    B = max(1, min(n, 1024, DEFAULT_CHUNK_ENTRIES // max(1, c)))
+    D0 = max(1, min(d, DEFAULT_CHUNK_ENTRIES // max(1, c * B)))
+    if D0 < d:
+        D0 = math.ceil(d / math.ceil(d / D0))  # equal-sized chunks
+    return B, D0
+
+
+def layers_attr(layer_collection) -> list:
+    """The layer collection as JSON (the format of :mod:`nngeo_dist.store.objects`), so that
+    ``nngeo_dist.load(path)`` rebuilds it for the store-backed object."""
+    from .objects import _layers_attr
+
+    return _layers_attr(layer_collection)
+
+
+def jacobian_spec(generator, source: DataSource, tile: Optional[int], d_chunk: Optional[int],
+                  dtype: Any, outputs: Any, function_id: Optional[str], user_function: Optional[Callable],
+                  c: int, kind: str = "jacobian", meta: Optional[dict] = None) -> StoreSpec:
+    n, d = source.n, generator.layer_collection.numel()
+    B0, D00 = default_jacobian_chunks(n, c, d)
+    B = int(tile) if tile else B0
+    D0 = int(d_chunk) if d_chunk else (D00 if not tile else max(1, min(d, DEFAULT_CHUNK_ENTRIES // max(1, c * B))))
+    if B < 1 or D0 < 1:
+        raise ValueError(f"tile={tile}, d_chunk={d_chunk}: chunk sizes must be positive")
+    dtype = normalise_dtype(dtype or generator.dtype)
+    fp = {
+        "model": model_fingerprint(generator.model, generator.layer_collection),
+        "data": data_fingerprint(source.dataset),
+        "function": function_identity(user_function, function_id),
+        "outputs": outputs_id(outputs),
+        "tile": f"{B},{D0}",
+        "dtype": dtype,
+    }
+    rep = "PMatLowRank" if kind == "lowrank" else "PushForwardDense"
+    m = {"representation": rep, "n": n, "c": c, "d": d, "outputs": outputs_id(outputs),
+         "function": fp["function"], "layers": layers_attr(generator.layer_collection)}
+    m.update(meta or {})
+    return StoreSpec.jacobian(c, n, d, B, D0, dtype, fp, m, kind=kind)
+
+
+def build_jacobian_store(
+    generator,
+    loader,
+    store: Any,
+    tile: Optional[int] = None,
+    d_chunk: Optional[int] = None,
+    group=None,
+    resume: bool = True,
+    overwrite: bool = False,
+    dtype: Any = None,
+    outputs: Any = None,
+    function_id: Optional[str] = None,
+    user_function: Optional[Callable] = None,
+    kind: str = "jacobian",
+    progress: Optional[bool] = None,
+    tile_log: Optional[str] = None,
+    verify_on_resume: bool = True,
+    batch_size: Optional[int] = None,
+    meta: Optional[dict] = None,
+    storage_options: Optional[dict] = None,
+    background_writes: bool = True,
+) -> JobReport:
+    """Compute the Jacobian ``(c, n, d)`` of ``generator`` over ``loader``'s dataset into
+    ``store`` in chunks ``(c, tile, d_chunk)``. Arguments as
+    :func:`nngeo_dist.store.gram.build_gram_store`; ``kind`` is ``'jacobian'`` or
+    ``'lowrank'`` (recorded in the store). Memory: the Jacobian rows of one example tile,
+    ``(c, B, d)``, plus the one being written in the background."""
+    from ..dist.errors import collective_errors
+    from ..dist.fingerprint import check_same_across_ranks
+    from ..dist.group import rank, resolve_group, world_size
+
+    t0 = now()
+    group = resolve_group(group)
+    r, w = rank(group), world_size(group)
+    base_function, outputs = job_function(generator, outputs)
+    if progress is None:
+        progress = getattr(generator, "progress", None)  # GramMatrix(..., progress=...)
+    gen = tile_generator(generator, outputs)
+    source = DataSource(loader, batch_size)
+    with collective_errors(group):
+        c = count_outputs(gen, source)
+        spec = jacobian_spec(gen, source, tile, d_chunk, dtype, outputs, function_id,
+                             user_function if user_function is not None else base_function,
+                             c, kind, meta)
+    check_same_across_ranks(repr(sorted(spec.fingerprint.items())), f"the {kind} job (model, data, "
+                            "function, outputs, tile, dtype)", group,
+                            "give every rank the same model, dataset and arguments")
+    check_same_across_ranks(_store_name(store), "the store paths", group,
+                            "pass every rank the same store path (on a file system they all see)")
+    state = prepare_store(store, spec, group, resume=resume, overwrite=overwrite,
+                          verify_on_resume=verify_on_resume, storage_options=storage_options)
+    B, D0 = spec.chunks[1], spec.chunks[2]
+    n_total = len(state["pending"]) + state["done_before"]
+    rows_pending: dict[int, list] = {}
+    for I, K in state["pending"]:
+        rows_pending.setdefault(I, []).append(K)
+    mine = split_contiguous(sorted(rows_pending), r, w)
+    report = JobReport(path=_store_name(store), tiles_total=n_total,
+                       tiles_done_before=state["done_before"], altered=state["altered"])
+    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    bar = Progress(n_total, state["done_before"], group, enabled=progress, desc=f"{kind} chunks")
+    def write(I: int, rows: torch.Tensor) -> None:  # on the writer thread
+        for K in rows_pending[I]:
+            block = rows[:, :, K * D0:(K + 1) * D0]
+            writer.write_tile((I, K), block)
+            nbytes = block.numel() * itemsize
+            writer.finished((I, K), tile_log, r)
+            report.tiles_computed += 1
+            report.bytes_written += nbytes
+            report.computed.append((I, K))
+            bar.update(1, nbytes)
+
+    try:
+        with collective_errors(group):
+            writer = HookedWriter(store, storage_options)
+            with BackgroundWrites(threads=background_writes) as writes:
+                for I in mine:
+                    start, stop = I * B, min((I + 1) * B, source.n)
+                    rows, _ = gen.jacobian_rows(source.loader(start, stop))
+                    writes.submit(write, I, rows.detach().cpu())
+                    del rows
+        barrier(group)
+    finally:
+        bar.close()
+    with collective_errors(group):
+        if r == 0:
+            writer.mark_complete(strict=True)
+    report.tiles_computed_all, report.bytes_written_all = all_sum_ints(
+        [report.tiles_computed, report.bytes_written], group)
+    barrier(group)
+    report.seconds = now() - t0
+    return report

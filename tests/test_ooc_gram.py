@@ -1,0 +1,227 @@
+"""Out-of-core Gram stores (issue 5): GramMatrix(..., store=path, tile=B) equals the
+in-memory GramMatrix in float64 for 1, 2 and 3 ranks; resume, refusal, integrity, disk full,
+output selection, and the store-backed FMat operations."""
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import ooc_helpers as H
+from nngeo_dist import GramMatrix
+from nngeo_dist.object import FMatDense, FVector
+from nngeo_dist.object.stored import FMatStored, open_stored
+from nngeo_dist.store import StoreDiskFullError, StoreMismatchError, gram_tiles, to_dask
+from nngeo_dist.store.job import HookedWriter, parse_outputs, read_tile_log
+
+try:
+    from dist_harness import RankError, run_ranks
+except ImportError:  # tests/ imported as a package
+    from tests.dist_harness import RankError, run_ranks
+
+TOL = 1e-10
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def build(path, tile=5, model=None, n=H.N, **kw) -> FMatStored:
+    kw.setdefault("progress", False)
+    return GramMatrix(model or H.make_model(), H.make_loader(n), representation=FMatStored,
+                      store=str(path), tile=tile, **kw)
+
+
+@pytest.fixture(scope="module")
+def dense() -> torch.Tensor:
+    return H.dense_gram()
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory) -> FMatStored:
+    return build(tmp_path_factory.mktemp("gram") / "g.zarr")  # n = 23, B = 5: last tile of 3
+
+
+def test_store_equals_in_memory_one_process(stored, dense):
+    assert stored.spec.shape == (3, 23, 3, 23) and stored.spec.chunks == (3, 5, 3, 5)
+    assert rel(stored.to_torch(), dense) < TOL
+    rep = stored.report
+    assert rep.tiles_total == len(gram_tiles(23, 5)) == 15 and rep.tiles_computed == 15
+    assert sorted(rep.computed) == gram_tiles(23, 5)
+    assert zarr.open_group(stored.path, mode="r").attrs["complete"] is True
+    assert stored.verify().ok
+
+
+def test_operations_equal_dense(stored, dense):
+    D = FMatDense(dense)
+    v = FVector(torch.randn(3, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    assert rel(stored.mv(v).to_torch(), D.mv(v).to_torch()) < TOL
+    assert rel(stored.vTMv(v), D.vTMv(v)) < TOL
+    assert rel(stored.trace(), D.trace()) < TOL
+    assert rel(stored.frobenius_norm(), D.frobenius_norm()) < TOL
+    assert rel(stored.get_diag(), D.get_diag()) < TOL
+    M = dense.reshape(69, 69)
+    exact = torch.linalg.eigvalsh(M).flip(0)
+    w, U = stored.top_eigenpairs(k=5, n_power_iter=6)
+    assert rel(w, exact[:5]) < 1e-8
+    assert rel(M @ U, U * w) < 1e-6  # eigenvectors
+    evals, evecs = stored.compute_eigendecomposition(k=4)
+    assert rel(evals, exact[:4].flip(0)) < 1e-8  # ascending like FMatDense
+    d = M.diagonal().sqrt()
+    assert rel(stored.normalised().compute().reshape(69, 69), M / d[:, None] / d[None, :]) < TOL
+    proj = stored.kernel_pca(k=2, n_power_iter=6)
+    ew, eU = torch.linalg.eigh(M)
+    ref = eU[:, -2:].flip(1) * ew[-2:].flip(0).sqrt()
+    assert rel(proj.abs(), ref.abs()) < 1e-4  # up to the sign of each component (randomised)
+    assert to_dask(stored.path).chunks[1] == (5, 5, 5, 5, 3)
+    xr = stored.to_xarray()
+    assert xr.dims == ("output_a", "example_i", "output_b", "example_j")
+    reopened = open_stored(stored.path)
+    assert isinstance(reopened, FMatStored) and rel(reopened.trace(), D.trace()) < TOL
+    import nngeo_dist
+
+    assert isinstance(nngeo_dist.load(stored.path), FMatStored)
+
+
+def test_rerun_complete_store_computes_nothing(stored, dense):
+    again = build(stored.path)
+    assert again.report.tiles_computed == 0 and again.report.tiles_done_before == 15
+    assert rel(again.to_torch(), dense) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_store_equals_in_memory_ranks(tmp_path, dense, world):
+    path, log = str(tmp_path / "g.zarr"), str(tmp_path / "tiles.log")
+    res = run_ranks(H.rank_gram, world, path, 5, log, timeout=120)
+    assert rel(H.read_store(path), dense) < TOL
+    # every tile I <= J computed exactly once, by one rank: no two writers on one chunk
+    entries = read_tile_log(log)
+    tiles = [t for _, t in entries]
+    assert sorted(tiles) == gram_tiles(23, 5)
+    by_rank = [set(r["computed"]) for r in res]
+    assert all(not (a & b) for i, a in enumerate(by_rank) for b in by_rank[i + 1:])
+    assert {r for r, _ in entries} == set(range(world))  # the work is shared
+    assert all(r["all"] == 15 and r["total"] == 15 for r in res)
+    assert len({r["trace"] for r in res}) == 1
+
+
+def test_sharded_loader_and_refusal_on_ranks(tmp_path, dense):
+    path = str(tmp_path / "g.zarr")
+    counts = run_ranks(H.rank_gram_sharded_loader, 2, path, 6, timeout=120)
+    assert sum(counts) == len(gram_tiles(23, 6))
+    assert rel(H.read_store(path), dense) < TOL
+    msgs = run_ranks(H.rank_refused, 2, path, 6, timeout=120)
+    assert all("StoreMismatchError" in m or "RankFailed" in m or "rank 0" in m for m in msgs), msgs
+    assert "fingerprint['model']" in msgs[0]
+
+
+@pytest.mark.parametrize("outputs", [[2, 0], ("diff", 0, 2), "1"])
+def test_output_selection(tmp_path, outputs):
+    K = build(tmp_path / "g.zarr", tile=7, outputs=outputs)
+    ref = H.dense_gram(outputs)
+    assert K.to_torch().shape == ref.shape
+    assert rel(K.to_torch(), ref) < TOL
+    assert K.spec.fingerprint["outputs"] != "all"
+
+
+def test_selection_in_the_function_is_fingerprinted(tmp_path):
+    """GramMatrix(..., function=select_outputs(f, sel)) records sel like outputs=sel does."""
+    from nngeo_dist.store.job import select_outputs
+
+    model = H.make_model()
+    fn = select_outputs(lambda x, y: model(x), ("diff", 0, 2))
+    K = GramMatrix(model, H.make_loader(), function=fn, representation=FMatStored,
+                   store=str(tmp_path / "g.zarr"), tile=7, progress=False, function_id="f")
+    assert K.spec.fingerprint["outputs"] == "diff:2-0" and K.spec.fingerprint["function"] == "f"
+    again = build(K.path, tile=7, outputs=("diff", 0, 2), function_id="f")
+    assert again.report.tiles_computed == 0
+    with pytest.raises(StoreMismatchError, match="outputs"):
+        build(K.path, tile=7, outputs=[0], function_id="f")
+
+
+def test_parse_outputs():
+    assert parse_outputs("all") is None and parse_outputs(None) is None
+    assert parse_outputs("0,3,5") == (0, 3, 5)
+    assert parse_outputs("8-3") == ("diff", 3, 8)
+    assert parse_outputs(("diff", 1, 2)) == ("diff", 1, 2)
+    for bad in ("a,b", "1-2-3", [1, 1], [], ("diff", 2, 2)):
+        with pytest.raises((ValueError, TypeError)):
+            parse_outputs(bad)
+    with pytest.raises(Exception, match="names output"):
+        build("/tmp/never-created-nngeo.zarr", outputs=[5])
+
+
+def test_mismatched_fingerprint_refused(stored):
+    with pytest.raises(StoreMismatchError, match=r"fingerprint\['model'\]"):
+        build(stored.path, model=H.make_model(seed=5))
+    with pytest.raises(StoreMismatchError, match="chunks"):
+        build(stored.path, tile=4)
+    with pytest.raises(StoreMismatchError, match=r"fingerprint\['data'\]|shape"):
+        build(stored.path, n=22)
+    with pytest.raises(StoreMismatchError, match=r"fingerprint\['dtype'\]|dtype"):
+        build(stored.path, dtype="float32")
+    with pytest.raises(FileExistsError, match="already exists"):
+        build(stored.path, resume=False)
+
+
+def test_tile_larger_than_n_and_overwrite(tmp_path, dense):
+    K = build(tmp_path / "g.zarr", tile=100)
+    assert K.spec.chunks == (3, 23, 3, 23) and K.report.tiles_total == 1
+    assert rel(K.to_torch(), dense) < TOL
+    K2 = build(tmp_path / "g.zarr", tile=6, overwrite=True)
+    assert K2.report.tiles_computed == 10 and rel(K2.to_torch(), dense) < TOL
+
+
+def test_altered_store_detected_and_repaired(tmp_path, dense):
+    K = build(tmp_path / "g.zarr")
+    g = zarr.open_group(K.path, mode="r+")
+    g["data"][:, 5:10, :, 10:15] = g["data"][:, 5:10, :, 10:15] + 1.0  # tile (1, 2) altered
+    rep = K.verify()
+    assert not rep.ok and rep.changed == [(1, 2)]
+    with pytest.raises(ValueError, match="altered"):
+        K.check_integrity()
+    again = build(K.path)  # resume: checksums re-checked, the altered tile recomputed
+    assert again.report.altered == [(1, 2)] and again.report.computed == [(1, 2)]
+    assert rel(again.to_torch(), dense) < TOL and again.verify().ok
+
+
+def test_half_written_tile_is_recomputed(tmp_path, dense):
+    K = build(tmp_path / "g.zarr")
+    g = zarr.open_group(K.path, mode="r+")
+    g["tiles_done"][2, 3] = 0  # as if killed between the data chunk and its marker
+    g["data"][:, 10:15, :, 15:20] = 0.0
+    again = build(K.path, verify_on_resume=False)
+    assert again.report.computed == [(2, 3)]
+    assert rel(again.to_torch(), dense) < TOL
+
+
+def test_disk_full_keeps_finished_tiles(tmp_path, dense, monkeypatch):
+    path = tmp_path / "g.zarr"
+    calls = {"n": 0}
+    orig = HookedWriter._write_data
+
+    def failing(self, region, block):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, region, block)
+
+    monkeypatch.setattr(HookedWriter, "_write_data", failing)
+    with pytest.raises(StoreDiskFullError, match="disk full.*--resume"):
+        build(path)
+    monkeypatch.setattr(HookedWriter, "_write_data", orig)
+    done = np.asarray(zarr.open_group(str(path), mode="r")["tiles_done"][...]).astype(bool)
+    assert 0 < done.sum() < 25
+    again = build(path)
+    assert 0 < again.report.tiles_computed < 15
+    assert rel(again.to_torch(), dense) < TOL
+
+
+def test_incomplete_store_refused_by_reader(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        FMatStored(str(tmp_path / "none.zarr"))
