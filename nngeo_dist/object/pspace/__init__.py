@@ -7,3 +7,9 @@ from .implicit import PMatImplicit
 from .lowrank import PMatLowRank
 
 __all__ = ["PMatAbstract", "PMatDense", "PMatDiag", "PMatBlockDiag", "PMatLowRank", "PMatImplicit"]
+from .kfac import PMatKFAC
+from .ekfac import PMatEKFAC
+from .quasidiag import PMatQuasiDiag
+from .mixed import PMatMixed
+
+__all__ += ["PMatKFAC", "PMatEKFAC", "PMatQuasiDiag", "PMatMixed"]

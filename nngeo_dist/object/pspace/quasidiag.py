@@ -1,0 +1,174 @@
+"""PMatQuasiDiag (Ollivier 2015): the diagonal, plus, for each bias coefficient, its
+interaction with the weight coefficients of its output unit (the row of the weight for
+Linear, the filter for Conv; the weight of the same channel for a normalisation layer).
+
+Per layer with a bias, the matrix is block-diagonal over output units o, each block an
+"arrow" [[diag(d_w), c], [c^T, d_b]] over (W[o, :], b[o]); without a bias it is diagonal.
+Every operation is closed form per output unit, solve through the Schur complement
+s_o = d_b + r - sum_w c_w^2 / (d_w + r).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ...generator.kfac import quasidiag_spec, quasidiag_statistics
+from .base import PMatAbstract
+
+
+class PMatQuasiDiag(PMatAbstract):
+    """Stores per layer the diagonal (numel,) and, with a bias, the cross terms (numel_w,)
+    in the weight's flat order. Memory about 2 d. Exact for a matrix of that pattern.
+
+    ``data[layer] = (diag, cross or None)``.
+    """
+
+    def __init__(self, layer_collection, data: dict, generator=None):
+        super().__init__(layer_collection, generator)
+        self.data = OrderedDict((n, data[n]) for n in layer_collection.layers)
+        self._owners = {}
+
+    @classmethod
+    def statistics(cls, generator, loader):
+        return quasidiag_statistics(generator, loader)
+
+    @classmethod
+    def statistics_spec(cls, generator, layer_collection):
+        return quasidiag_spec(generator, layer_collection.layers)
+
+    @classmethod
+    def from_statistics(cls, layer_collection, stats, generator=None):
+        data = OrderedDict()
+        for n, l in layer_collection.layers.items():
+            data[n] = (stats.mean(f"qdiag/{n}"), stats.mean(f"qcross/{n}") if l.has_bias else None)
+        return cls(layer_collection, data, generator)
+
+    # plumbing -------------------------------------------------------------------------------
+    def _owner(self, name, layer, device):
+        """(numel_w,) the bias coefficient each weight coefficient interacts with."""
+        if name not in self._owners:
+            self._owners[name] = layer.math.quasidiag_owner(layer).to(device)
+        return self._owners[name]
+
+    def _split(self, name, layer, x):
+        nw = layer.weight_numel
+        return x[:nw], x[nw:]
+
+    def _mv_layer(self, name, layer, x):
+        d, c = self.data[name]
+        if c is None:
+            return d * x
+        owner = self._owner(name, layer, x.device)
+        xw, xb = self._split(name, layer, x)
+        dw, db = self._split(name, layer, d)
+        yw = dw * xw + c * xb[owner]
+        yb = db * xb + torch.zeros_like(xb).index_add_(0, owner, c * xw)
+        return torch.cat([yw, yb])
+
+    def _per_layer(self, v, fn):
+        self._check_vector(v)
+        return v.from_layer_flats(
+            self.layer_collection,
+            {n: fn(n, l, v.layer_flat(n)) for n, l in self.layer_collection.layers.items()},
+        )
+
+    # the interface ----------------------------------------------------------------------------
+    def mv(self, v):
+        return self._per_layer(v, self._mv_layer)
+
+    def vTMv(self, v):
+        self._check_vector(v)
+        return sum(
+            torch.dot(v.layer_flat(n), self._mv_layer(n, l, v.layer_flat(n)))
+            for n, l in self.layer_collection.layers.items()
+        )
+
+    def trace(self):
+        return sum(d.sum() for d, _ in self.data.values())
+
+    def frobenius_norm(self):
+        return torch.sqrt(sum((d * d).sum() + (0 if c is None else 2 * (c * c).sum()) for d, c in self.data.values()))
+
+    def get_diag(self):
+        return torch.cat([d for d, _ in self.data.values()])
+
+    def to_torch(self):
+        dim = self.layer_collection.numel()
+        first = next(iter(self.data.values()))[0]
+        M = torch.zeros(dim, dim, dtype=first.dtype, device=first.device)
+        for n, l in self.layer_collection.layers.items():
+            d, c = self.data[n]
+            s = self.layer_collection.p_pos[n]
+            block = torch.diag(d)
+            if c is not None:
+                nw = l.weight_numel
+                owner = self._owner(n, l, d.device)
+                rows = torch.arange(nw, device=d.device)
+                block[rows, nw + owner] = c
+                block[nw + owner, rows] = c
+            M[s:s + l.numel(), s:s + l.numel()] = block
+        return M
+
+    def solve(self, v, regul: float = 1e-8):
+        """(M + regul I)^{-1} v, exactly, per output unit (Schur complement of the bias)."""
+        self._check_vector(v)
+        self._check_regul(regul, singular_ok=True)
+
+        def fn(n, l, x):
+            d, c = self.data[n]
+            dr = d + regul
+            scale = d.abs().max() if d.numel() else d.new_tensor(0.0)
+            tol = scale * d.numel() * torch.finfo(d.dtype).eps
+            if c is None:
+                self._check_pivots(n, l, dr, tol, regul)
+                return x / dr
+            owner = self._owner(n, l, x.device)
+            xw, xb = self._split(n, l, x)
+            dw, db = self._split(n, l, dr)
+            self._check_pivots(n, l, dw, tol, regul)
+            cd = c / dw
+            s = db - torch.zeros_like(db).index_add_(0, owner, cd * c)
+            self._check_pivots(n, l, s, tol, regul)
+            yb = (xb - torch.zeros_like(xb).index_add_(0, owner, cd * xw)) / s
+            yw = xw / dw - cd * yb[owner]
+            return torch.cat([yw, yb])
+
+        return self._per_layer(v, fn)
+
+    @staticmethod
+    def _check_pivots(name, layer, pivots, tol, regul):
+        if bool((pivots.abs() <= tol).any()) or not bool(torch.isfinite(pivots).all()):
+            raise ValueError(
+                f"solve with regul={regul}: the quasi-diagonal block of layer '{name}' "
+                f"({layer.kind}) is singular; pass a larger positive regul"
+            )
+
+    def inverse(self, regul: float = 1e-8):
+        raise self._no(
+            "inverse (the inverse of a quasi-diagonal matrix is not quasi-diagonal)",
+            "solve(v, regul), or PMatBlockDiag",
+        )
+
+    def _combine(self, other, op):
+        self._same_kind(other)
+        data = OrderedDict()
+        for n, (d, c) in self.data.items():
+            d2, c2 = other.data[n]
+            data[n] = (op(d, d2), None if c is None else op(c, c2))
+        return PMatQuasiDiag(self.layer_collection, data, self.generator)
+
+    def __add__(self, other):
+        return self._combine(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: a - b)
+
+    def __rmul__(self, x):
+        data = OrderedDict((n, (x * d, None if c is None else x * c)) for n, (d, c) in self.data.items())
+        return PMatQuasiDiag(self.layer_collection, data, self.generator)
+
+    __mul__ = __rmul__
+
+
+__all__ = ["PMatQuasiDiag"]

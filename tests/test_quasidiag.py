@@ -1,0 +1,122 @@
+"""PMatQuasiDiag: the FIM restricted to its diagonal and its weight/bias interactions
+per output unit; against the torch.func oracle on every model of the zoo, against
+nngeometry 0.4, and every operation (solve in closed form) against its dense form.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import oracle
+from models import MODELS, loader_of
+from nngeo_dist import FIM
+from nngeo_dist.generator import Generator
+from nngeo_dist.generator.kfac import quasidiag_statistics
+from nngeo_dist.generator.variants import fim_root
+from nngeo_dist.object import PMatDiag, PMatQuasiDiag
+from test_kfac import (  # noqa: F401
+    RTOL, check_against_dense, f64, ngeo_vector, nngeometry_fim, one_thread, random_vector, rel, variant_of,
+)
+
+NGEO_QD_MODELS = ["linear", "linear_nobias", "conv2d", "conv2d_stride_pad", "conv2d_dilation", "conv2d_nobias"]
+
+
+def pattern(model) -> torch.Tensor:
+    """(d, d) True on the diagonal and between each weight coefficient and the bias
+    coefficient of its output unit, derived from the modules' parameter shapes alone."""
+    blocks = []
+    for mod in model.modules():
+        w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if not isinstance(w, nn.Parameter):
+            continue
+        nw, nb = w.numel(), 0 if b is None else b.numel()
+        m = torch.eye(nw + nb, dtype=torch.bool)
+        if b is not None:
+            idx = torch.arange(nw)
+            if isinstance(mod, nn.ConvTranspose2d):  # weight (in, out, kh, kw)
+                owner = (idx // (w.shape[2] * w.shape[3])) % w.shape[1]
+            else:  # weight (out, ...) or shaped like the bias
+                owner = idx // (nw // nb)
+            m[idx, nw + owner] = True
+            m[nw + owner, idx] = True
+        blocks.append(m)
+    return torch.block_diag(*[b.double() for b in blocks]).bool()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_equals_the_oracle_on_its_pattern(name):
+    model, batches, c = MODELS[name]()
+    variant = variant_of(c)
+    F = FIM(model, loader_of(batches), PMatQuasiDiag, variant=variant)
+    P = pattern(model)
+    ref = oracle.fim_dense(model, batches, variant) * P
+    M = F.to_torch()
+    assert rel(M, ref) < RTOL
+    assert (M * ~P).abs().max() == 0
+    check_against_dense(F, M)
+    assert rel(F.get_diag(), FIM(model, loader_of(batches), PMatDiag, variant=variant).get_diag()) < RTOL
+
+
+@pytest.mark.parametrize("name", NGEO_QD_MODELS)
+def test_matches_nngeometry(name, f64):
+    model, batches, c = MODELS[name]()
+    variant = variant_of(c)
+    loader = loader_of(batches)
+    F = FIM(model, loader, PMatQuasiDiag, variant=variant)
+    Fn = nngeometry_fim(model, loader, "PMatQuasiDiag", variant)
+    assert rel(F.to_torch(), Fn.to_torch()) < RTOL
+    assert rel(F.get_diag(), Fn.get_diag()) < RTOL
+    assert rel(F.trace(), Fn.trace()) < RTOL
+    assert rel(F.frobenius_norm(), Fn.frobenius_norm()) < RTOL
+    v = random_vector(F.layer_collection, 1)
+    vn = ngeo_vector(Fn, v.to_torch())
+    assert rel(F.mv(v).to_torch(), Fn.mv(vn).to_torch()) < RTOL
+    assert rel(F.vTMv(v), Fn.vTMv(vn)) < RTOL
+    for regul in (1e-3, 1e-1):
+        assert rel(F.solve(v, regul=regul).to_torch(), Fn.solvePVec(vn, regul=regul).to_torch()) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d_stride_pad", "layernorm_2d", "convtranspose2d", "embedding"])
+def test_solve_in_closed_form(name):
+    model, batches, c = MODELS[name](n=20, batch_size=8)
+    F = FIM(model, loader_of(batches), PMatQuasiDiag, variant="regression")
+    M = F.to_torch()
+    v = random_vector(F.layer_collection, 2)
+    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    for regul in (1e-4, 1e-1):
+        ref = torch.linalg.solve(M + regul * eye, v.to_torch())
+        assert rel(F.solve(v, regul=regul).to_torch(), ref) < 1e-9
+        assert rel(F.solve(F.mv(v) + regul * v, regul=regul).to_torch(), v.to_torch()) < 1e-8
+
+
+def test_linear_algebra_and_bad_input():
+    model, batches, c = MODELS["embedding_padidx"]()
+    F = FIM(model, loader_of(batches), PMatQuasiDiag)
+    M = F.to_torch()
+    assert rel((F + 2 * F).to_torch(), 3 * M) < RTOL
+    assert rel((F * 2 - F).to_torch(), M) < RTOL
+    v = random_vector(F.layer_collection)
+    with pytest.raises(ValueError, match="singular"):  # the padding row: zero diagonal
+        F.solve(v, regul=0)
+    with pytest.raises(ValueError, match="regul"):
+        F.solve(v, regul=-1.0)
+    assert torch.isfinite(F.solve(v, regul=1e-8).to_torch()).all()
+    with pytest.raises(NotImplementedError, match="solve"):
+        F.inverse()
+    with pytest.raises(TypeError):
+        F + FIM(model, loader_of(batches), PMatDiag)
+
+
+def test_statistics_two_halves_and_empty_loader():
+    model, batches, c = MODELS["conv2d"](n=11, batch_size=3)
+    gen = Generator(model, fim_root(lambda *b: model(b[0]), "classif_logits"))
+    empty = quasidiag_statistics(gen, [])
+    assert empty.count == 0
+    for n, l in gen.layer_collection.layers.items():
+        assert empty.sums[f"qdiag/{n}"].shape == (l.numel(),)
+        assert empty.sums[f"qcross/{n}"].shape == (l.weight_numel,)
+    s1, s2 = quasidiag_statistics(gen, batches[:2]), quasidiag_statistics(gen, batches[2:])
+    whole = FIM(model, loader_of(batches), PMatQuasiDiag)
+    assert rel(PMatQuasiDiag.from_statistics(gen.layer_collection, s1 + s2, gen).to_torch(), whole.to_torch()) < 1e-12
+    assert rel(PMatQuasiDiag.from_statistics(gen.layer_collection, s1, gen).to_torch(), whole.to_torch()) > 1e-3
