@@ -10,6 +10,7 @@ no batching rule.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -150,7 +151,7 @@ class Capturer:
         self.l_to_m, _ = layer_collection.get_layerid_module_maps(model)
         self.maths = {n: l.math for n, l in layer_collection.layers.items()}
         self.max_outputs = max_outputs
-        self._batched = True
+        self._batched: Optional[bool] = None  # decided on the first batch
         self.foreign_users = _foreign_users(model, layer_collection, self.l_to_m)
 
     def check_modules(self) -> None:
@@ -214,13 +215,33 @@ class Capturer:
             yield ks, Captured(out.detach()[:, ks.start:ks.stop], rec.inputs, g, K)
 
     def _grads(self, out, tensors, ks):
-        if self._batched:
+        if self._batched is None and len(ks) > 1:
+            return self._choose_backward(out, tensors, ks)
+        if self._batched is not False:
             try:
                 return _output_grads(out, tensors, ks, batched=True)
             except (RuntimeError, NotImplementedError) as e:  # an op without a batching rule
                 log.info("vectorised backward unavailable (%s); one backward per output", e)
                 self._batched = False
         return _output_grads(out, tensors, ks, batched=False)
+
+    def _choose_backward(self, out, tensors, ks):
+        """Time the vectorised backward against one backward per output on the first
+        batch and keep the faster: vmap's batching rules win on dense layers, lose on
+        some convolution/pooling backwards."""
+        t0 = time.perf_counter()
+        try:
+            grads = _output_grads(out, tensors, ks, batched=True)
+        except (RuntimeError, NotImplementedError) as e:
+            log.info("vectorised backward unavailable (%s); one backward per output", e)
+            self._batched = False
+            return _output_grads(out, tensors, ks, batched=False)
+        t1 = time.perf_counter()
+        _output_grads(out, tensors, ks, batched=False)
+        t2 = time.perf_counter()
+        self._batched = (t1 - t0) <= (t2 - t1)
+        log.info("backward over %d outputs: vectorised %.4fs, looped %.4fs", len(ks), t1 - t0, t2 - t1)
+        return grads
 
 
 def _foreign_users(model: nn.Module, layer_collection, l_to_m: dict) -> list:

@@ -69,9 +69,10 @@ class Generator:
         it = loader
         if self.progress or (self.progress is None and _is_rank0()):
             try:
-                from tqdm.auto import tqdm
+                from tqdm.std import tqdm  # tqdm.auto would iterate the loader twice
 
-                it = tqdm(loader, desc=desc, leave=False, disable=None if self.progress is None else not self.progress)
+                total = len(loader) if hasattr(loader, "__len__") else None
+                it = tqdm(loader, desc=desc, total=total, leave=False, disable=None if self.progress is None else not self.progress)
             except ImportError:  # pragma: no cover
                 pass
         for batch in it:
