@@ -237,11 +237,12 @@ class Capturer:
             self._batched = False
             return _output_grads(out, tensors, ks, batched=False)
         t1 = time.perf_counter()
-        _output_grads(out, tensors, ks, batched=False)
+        looped = _output_grads(out, tensors, ks, batched=False)
         t2 = time.perf_counter()
         self._batched = (t1 - t0) <= (t2 - t1)
         log.info("backward over %d outputs: vectorised %.4fs, looped %.4fs", len(ks), t1 - t0, t2 - t1)
-        return grads
+        # the chosen route's numbers, so that every batch (and every later pass) agrees bitwise
+        return grads if self._batched else looped
 
 
 def _foreign_users(model: nn.Module, layer_collection, l_to_m: dict) -> list:
