@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -137,6 +138,11 @@ def _output_grads(out: Tensor, tensors: Sequence[Tensor], ks: range, batched: bo
     ]
 
 
+#: model -> whether the vectorised backward won on it (one timing per model and process,
+#: so repeated computations on a model agree bitwise)
+_BACKWARD_CHOICE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 class Capturer:
     """Runs ``function(*batch)`` and captures per-layer inputs and output gradients.
 
@@ -151,7 +157,7 @@ class Capturer:
         self.l_to_m, _ = layer_collection.get_layerid_module_maps(model)
         self.maths = {n: l.math for n, l in layer_collection.layers.items()}
         self.max_outputs = max_outputs
-        self._batched: Optional[bool] = None  # decided on the first batch
+        self._batched: Optional[bool] = _BACKWARD_CHOICE.get(model)  # else timed on the first batch
         self.foreign_users = _foreign_users(model, layer_collection, self.l_to_m)
 
     def check_modules(self) -> None:
@@ -234,12 +240,13 @@ class Capturer:
             grads = _output_grads(out, tensors, ks, batched=True)
         except (RuntimeError, NotImplementedError) as e:
             log.info("vectorised backward unavailable (%s); one backward per output", e)
-            self._batched = False
+            self._batched = _BACKWARD_CHOICE[self.model] = False
             return _output_grads(out, tensors, ks, batched=False)
         t1 = time.perf_counter()
         looped = _output_grads(out, tensors, ks, batched=False)
         t2 = time.perf_counter()
         self._batched = (t1 - t0) <= (t2 - t1)
+        _BACKWARD_CHOICE[self.model] = self._batched
         log.info("backward over %d outputs: vectorised %.4fs, looped %.4fs", len(ks), t1 - t0, t2 - t1)
         # the chosen route's numbers, so that every batch (and every later pass) agrees bitwise
         return grads if self._batched else looped

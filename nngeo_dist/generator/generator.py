@@ -136,12 +136,17 @@ class Generator:
             count += jac[0].shape[0]
         return Statistics({"diag": diag}, count)
 
-    def per_example_grads(self, cap) -> Tensor:
-        """(K, N, d) per-example gradients of one captured batch, in flat order."""
-        return torch.cat(
-            [layer.math.per_example_grads(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()],
-            dim=-1,
-        )
+    def per_example_grads(self, cap, out: Optional[Tensor] = None) -> Tensor:
+        """(K, N, d) per-example gradients of one captured batch, in flat order; written
+        into ``out`` when given (a view of a larger buffer)."""
+        if out is None:
+            K, N = cap.out.shape[1], cap.n
+            out = torch.empty((K, N, self.layer_collection.numel()), dtype=self.dtype, device=self.device)
+        pos = self.layer_collection.p_pos
+        for n, layer, mod in self._layers():
+            view = out[..., pos[n]:pos[n] + layer.numel()]
+            layer.math.per_example_grads_into(mod, cap.inputs[n], cap.grads[n], view)
+        return out
 
     def dense_statistics(self, loader) -> Statistics:
         """sums: ``dense`` (d, d) = sum_n J_n^T J_n."""
@@ -171,17 +176,31 @@ class Generator:
         return self._accumulate(loader, "trace", {"trace": self._zeros()}, per_batch)
 
     def jacobian_rows(self, loader) -> tuple[Tensor, int]:
-        """(K, n, d) per-example Jacobians of the loader's examples, and n."""
-        rows = []
+        """(K, n, d) per-example Jacobians of the loader's examples, and n.
+
+        When the loader tells its length, every batch is written in place into one
+        (K, n, d) buffer; otherwise batches are concatenated at the end."""
+        d = self.layer_collection.numel()
+        n_expected = _expected_examples(loader)
+        buffer, parts, offset = None, [], 0
         for ks, cap in self._captures(loader, "jacobian"):
-            pg = self.per_example_grads(cap)
-            if ks.start == 0:
-                rows.append([pg])
+            if buffer is None and n_expected is not None and not parts:
+                buffer = torch.empty((cap.k_total, n_expected, d), dtype=self.dtype, device=self.device)
+            if buffer is not None and offset + cap.n > buffer.shape[1]:  # the loader lied
+                parts, buffer = [buffer[:, :offset]], None
+            if buffer is not None:
+                self.per_example_grads(cap, out=buffer[ks.start:ks.stop, offset:offset + cap.n])
             else:
-                rows[-1].append(pg)
-        if not rows:
-            return self._zeros(self.n_output or 0, 0, self.layer_collection.numel()), 0
-        return torch.cat([torch.cat(r, dim=0) for r in rows], dim=1), self.last_count
+                if ks.start == 0:
+                    parts.append(torch.empty((cap.k_total, cap.n, d), dtype=self.dtype, device=self.device))
+                self.per_example_grads(cap, out=parts[-1][ks.start:ks.stop])
+            if ks.stop == cap.k_total:
+                offset += cap.n
+        if buffer is not None:
+            return buffer[:, :offset], self.last_count
+        if not parts:
+            return self._zeros(self.n_output or 0, 0, d), 0
+        return torch.cat(parts, dim=1), self.last_count
 
     # Gram ------------------------------------------------------------------------------
     def gram_features(self, loader, n_total: Optional[int] = None) -> list:
@@ -259,6 +278,17 @@ class Generator:
             self._restore_rng(self._rng_snapshot)
         grads = self.functional.vjp(batch, u)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.functional.params)]
+
+
+def _expected_examples(loader) -> Optional[int]:
+    """How many examples a DataLoader will yield, when it can tell (else None)."""
+    try:
+        if getattr(loader, "drop_last", False):
+            return None
+        sampler = getattr(loader, "sampler", None)
+        return len(sampler) if sampler is not None else None
+    except TypeError:
+        return None
 
 
 def _is_rank0() -> bool:

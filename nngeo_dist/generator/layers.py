@@ -75,6 +75,11 @@ class LayerMath:
         """(K, N, numel) per-example gradients of the K functions."""
         raise NotImplementedError
 
+    def per_example_grads_into(self, mod, a: Tensor, g: Tensor, out: Tensor) -> None:
+        """Write :meth:`per_example_grads` into ``out`` (K, N, numel), a view of a larger
+        buffer: a Jacobian of n c d numbers is written once, not assembled by copies."""
+        out.copy_(self.per_example_grads(mod, a, g))
+
     # statistics derived from per-example gradients ---------------------------------------
     def diag(self, mod, a, g) -> Tensor:
         """(numel,) sum over k, n of squared per-example gradients."""
@@ -200,6 +205,18 @@ class AffineMath(LayerMath):
         if not self.has_bias(mod):
             return w
         return torch.cat([w, q.sum(dim=2)], dim=-1)
+
+    def per_example_grads_into(self, mod, a, g, out):
+        p, q = self.patches(mod, a), self.positions(mod, g)
+        K, N, T, o = q.shape
+        i = p.shape[-1]
+        w = out[..., : o * i]
+        if T == 1 and self.weight_layout == "oi":  # outer products, straight into place
+            torch.mul(q[:, :, 0, :, None], p[None, :, 0, None, :], out=w.view(K, N, o, i))
+        else:
+            w.copy_(self.oi_to_flat(torch.einsum("knto,nti->knoi", q, p)))
+        if self.has_bias(mod):
+            out[..., o * i:].copy_(q.sum(dim=2))
 
     def diag(self, mod, a, g):
         p, q = self.patches(mod, a), self.positions(mod, g)
