@@ -57,15 +57,16 @@ def _multinomial_cholesky_root(f: Tensor) -> Tensor:
     a zero Fisher and gives one zero row."""
     if f.shape[1] == 1:
         return f * 0
+    c = f.shape[1]
+    # strict upper "tail" operator: (x @ tail)[:, k] = sum_{j>k} x_j, k = 0..c-2; a matmul
+    # keeps the differentiated path to one product (cumsum/flip are slow under forward AD)
+    tail = torch.ones(c, c - 1, dtype=f.dtype, device=f.device).tril(-1)
     p = torch.softmax(f, dim=1).detach()
-    # tail sums by reverse cumsum: no cancellation when p_1 is close to 1
-    tail = p.flip(1).cumsum(1).flip(1)  # tail[:, k] = sum_{j>=k} p_j
-    q = tail[:, 1:]  # q_k = sum_{j>k} p_j, k = 0..c-2
-    q_prev = tail[:, :-1]  # q_{k-1} = sum_{j>=k} p_j
+    q = p @ tail  # q_k = sum_{j>k} p_j, summed forwards: no cancellation when p_1 ~ 1
+    q_prev = q + p[:, :-1]  # q_{k-1} = sum_{j>=k} p_j
     tiny = torch.finfo(f.dtype).tiny
-    pf_tail = (p * f).flip(1).cumsum(1).flip(1)[:, 1:]  # sum_{j>k} p_j f_j
     coef = (p[:, :-1] * q / q_prev.clamp_min(tiny)).sqrt()
-    return coef * (f[:, :-1] - pf_tail / q.clamp_min(tiny))
+    return coef * (f[:, :-1] - ((p * f) @ tail) / q.clamp_min(tiny))
 
 
 def monte_carlo_root(function: Callable, variant: str, trials: int, generator: Optional[torch.Generator]) -> Callable:
