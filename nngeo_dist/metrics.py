@@ -5,7 +5,7 @@ representation's ``build`` (statistics -> reduce -> finalise).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import nn

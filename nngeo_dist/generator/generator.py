@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import Capturer, PerLayerCaptureError, _check_finite
+from .capture import Capturer, _check_finite
 from .functional import FunctionalModel
 from .statistics import Statistics
 

@@ -180,6 +180,18 @@ class RowLayout:
     def single(n: int) -> "RowLayout":
         return RowLayout((int(n),), 0)
 
+    @staticmethod
+    def of(n_local: int, group, layout: Optional["RowLayout"] = None) -> "RowLayout":
+        """The layout of ``n_local`` rows here: ``layout`` when known, else learnt from the
+        other ranks' row counts (collective) or, for one process, all rows."""
+        if group is None:
+            return RowLayout.single(n_local)
+        if layout is None:
+            layout = RowLayout(tuple(r[0] for r in agree_ints([n_local], None, group)), group_rank(group))
+        if layout.n_local != n_local:
+            raise ValueError(f"{n_local} rows here, the layout gives {layout.n_local}")
+        return layout
+
 
 def examples_hint(loader) -> int:
     """This rank's number of examples when the loader tells it without a pass (a

@@ -80,14 +80,7 @@ class _RowShardedJacobian:
         self.data = data
         self.generator = generator
         self.group = held_group(group)
-        if self.group is None:
-            layout = RowLayout.single(data.shape[1])
-        elif layout is None:  # collective: learn the other ranks' row counts
-            counts = tuple(r[0] for r in agree_ints([data.shape[1]], None, self.group))
-            layout = RowLayout(counts, group_rank(self.group))
-        if layout.n_local != data.shape[1]:
-            raise ValueError(f"{data.shape[1]} rows here, the layout gives {layout.n_local}")
-        self.layout = layout
+        self.layout = RowLayout.of(data.shape[1], self.group, layout)
 
     @property
     def local(self) -> Tensor:

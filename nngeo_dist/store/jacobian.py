@@ -30,7 +30,6 @@ from .job import (
     model_fingerprint,
     now,
     outputs_id,
-    parse_outputs,
     prepare_store,
     split_contiguous,
 )

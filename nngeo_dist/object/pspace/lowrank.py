@@ -22,7 +22,6 @@ from torch import Tensor
 from .base import PMatAbstract
 from ..groupops import (
     RowLayout,
-    agree_ints,
     check_model,
     effective_group,
     held_group,
@@ -56,12 +55,7 @@ class PMatLowRank(PMatAbstract):
         self.data = data
         self.n = n
         self.group = held_group(group)
-        if self.group is None:
-            layout = RowLayout.single(data.shape[1])
-        elif layout is None:  # collective: learn the other ranks' row counts
-            counts = tuple(r[0] for r in agree_ints([data.shape[1]], None, self.group))
-            layout = RowLayout(counts, group_rank(self.group))
-        self.layout = layout
+        self.layout = RowLayout.of(data.shape[1], self.group, layout)
         self.evals = self.evecs = None
 
     @classmethod
