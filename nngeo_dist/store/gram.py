@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from .job import (
+    finish_job,
     BackgroundWrites,
     DataSource,
     OutputSelection,
     HookedWriter,
     JobReport,
     Progress,
-    all_sum_ints,
     barrier,
     data_fingerprint,
     function_identity,
@@ -280,13 +280,7 @@ def build_gram_store(
         barrier(group)
     finally:
         bar.close()
-    with collective_errors(group):
-        if r == 0:
-            writer.mark_complete(strict=True)
-    report.tiles_computed_all, report.bytes_written_all = all_sum_ints(
-        [report.tiles_computed, report.bytes_written], group)
-    barrier(group)
-    report.seconds = now() - t0
+    finish_job(writer, report, group, t0)
     log.info("Gram store %s: %d tiles computed here (%d in all), %d found done, %.2f s",
              report.path, report.tiles_computed, report.tiles_computed_all,
              report.tiles_done_before, report.seconds)

@@ -18,12 +18,12 @@ import torch
 
 from .gram import count_outputs, job_function, tile_generator
 from .job import (
+    finish_job,
     BackgroundWrites,
     DataSource,
     HookedWriter,
     JobReport,
     Progress,
-    all_sum_ints,
     barrier,
     data_fingerprint,
     function_identity,
@@ -170,11 +170,5 @@ def build_jacobian_store(
         barrier(group)
     finally:
         bar.close()
-    with collective_errors(group):
-        if r == 0:
-            writer.mark_complete(strict=True)
-    report.tiles_computed_all, report.bytes_written_all = all_sum_ints(
-        [report.tiles_computed, report.bytes_written], group)
-    barrier(group)
-    report.seconds = now() - t0
+    finish_job(writer, report, group, t0)
     return report

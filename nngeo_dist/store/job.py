@@ -585,3 +585,19 @@ def all_sum_ints(values: Sequence[int], group=None) -> list[int]:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def finish_job(writer, report, group, t0: float):
+    """Close a tiled job on every rank: rank 0 marks the store complete (a missing tile
+    raises on every rank), the per-rank counts are summed, and the time is recorded."""
+    from ..dist.errors import collective_errors
+    from ..dist.group import rank
+
+    with collective_errors(group):
+        if rank(group) == 0:
+            writer.mark_complete(strict=True)
+    report.tiles_computed_all, report.bytes_written_all = all_sum_ints(
+        [report.tiles_computed, report.bytes_written], group)
+    barrier(group)
+    report.seconds = now() - t0
+    return report
