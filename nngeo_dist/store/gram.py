@@ -17,6 +17,7 @@ used by the dask engine).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import math
 from typing import Any, Callable, Optional
 
@@ -104,6 +105,66 @@ def count_outputs(generator, source: DataSource) -> int:
         out = generator.function(*batch)
     return 1 if out.dim() == 1 else int(out.shape[1])
 
+
+
+@dataclass
+class Job:
+    """What every tiled job (Gram, Jacobian) shares once its store is prepared."""
+
+    t0: float
+    group: Any
+    rank: int
+    world: int
+    gen: Any
+    source: DataSource
+    spec: StoreSpec
+    state: dict
+    report: JobReport
+    itemsize: int
+    bar: Progress
+
+    def tile_written(self, writer, tile: tuple, nbytes: int, tile_log: Optional[str]) -> None:
+        """Book-keeping after ``tile`` (``nbytes`` on disk) is written (writer thread)."""
+        writer.finished(tile, tile_log, self.rank)
+        self.report.tiles_computed += 1
+        self.report.bytes_written += nbytes
+        self.report.computed.append(tile)
+        self.bar.update(1, nbytes)
+
+
+def open_job(generator, loader, store, group, outputs, progress, batch_size, user_function,
+             make_spec: Callable, what: str, desc: str, **store_kw) -> Job:
+    """Resolve the group, wrap the function for ``outputs``, build the job's spec
+    (``make_spec(gen, source, c, function, outputs)``, ``outputs`` normalised), check that every rank runs the same job on
+    the same store, and create, validate or resume the store (rank 0; ``store_kw`` go to
+    :func:`prepare_store`)."""
+    from ..dist.errors import collective_errors
+    from ..dist.fingerprint import check_same_across_ranks
+    from ..dist.group import rank, resolve_group, world_size
+
+    t0 = now()
+    group = resolve_group(group)
+    base_function, outputs = job_function(generator, outputs)
+    if progress is None:
+        progress = getattr(generator, "progress", None)  # GramMatrix(..., progress=...)
+    gen = tile_generator(generator, outputs)
+    source = DataSource(loader, batch_size)
+    with collective_errors(group):
+        c = count_outputs(gen, source)
+        spec = make_spec(gen, source, c, user_function if user_function is not None else base_function,
+                         outputs)
+    check_same_across_ranks(repr(sorted(spec.fingerprint.items())), f"{what} (model, data, "
+                            "function, outputs, tile, dtype)", group,
+                            "give every rank the same model, dataset and arguments")
+    check_same_across_ranks(_store_name(store), "the store paths", group,
+                            "pass every rank the same store path (on a file system they all see)")
+    state = prepare_store(store, spec, group, **store_kw)
+    total = len(state["pending"]) + state["done_before"]
+    report = JobReport(path=_store_name(store), tiles_total=total,
+                       tiles_done_before=state["done_before"], altered=state["altered"])
+    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    bar = Progress(total, state["done_before"], group, enabled=progress, desc=desc)
+    return Job(t0, group, rank(group), world_size(group), gen, source, spec, state, report, itemsize, bar)
 
 def gram_spec(generator, source: DataSource, tile: Optional[int], dtype: Any, outputs: Any,
               function_id: Optional[str], user_function: Optional[Callable], c: int,
@@ -226,44 +287,22 @@ def build_gram_store(
         background_writes: write each tile on a background thread while the next one is
             computed (at most one tile waiting: memory stays bounded).
     """
-    from ..dist.fingerprint import check_same_across_ranks
     from ..dist.errors import collective_errors
-    from ..dist.group import rank, resolve_group, world_size
 
-    t0 = now()
-    group = resolve_group(group)
-    r, w = rank(group), world_size(group)
-    base_function, outputs = job_function(generator, outputs)
-    if progress is None:
-        progress = getattr(generator, "progress", None)  # GramMatrix(..., progress=...)
-    gen = tile_generator(generator, outputs)
-    source = DataSource(loader, batch_size)
-    with collective_errors(group):
-        c = count_outputs(gen, source)
-        spec = gram_spec(gen, source, tile, dtype, outputs, function_id,
-                         user_function if user_function is not None else base_function, c, meta)
-    check_same_across_ranks(repr(sorted(spec.fingerprint.items())), "the Gram job (model, data, "
-                            "function, outputs, tile, dtype)", group,
-                            "give every rank the same model, dataset and arguments")
-    check_same_across_ranks(_store_name(store), "the store paths", group,
-                            "pass every rank the same store path (on a file system they all see)")
-    state = prepare_store(store, spec, group, resume=resume, overwrite=overwrite,
-                          verify_on_resume=verify_on_resume, storage_options=storage_options)
+    def make_spec(gen, source, c, function, outputs):
+        return gram_spec(gen, source, tile, dtype, outputs, function_id, function, c, meta)
+
+    job = open_job(generator, loader, store, group, outputs, progress, batch_size, user_function,
+                   make_spec, "the Gram job", "Gram tiles", resume=resume, overwrite=overwrite,
+                   verify_on_resume=verify_on_resume, storage_options=storage_options)
+    group, r, gen, source, spec, report, bar = (
+        job.group, job.rank, job.gen, job.source, job.spec, job.report, job.bar)
     B = spec.chunks[1]
-    n_tiles_total = len(state["pending"]) + state["done_before"]
-    mine = split_contiguous(state["pending"], r, w)
-    report = JobReport(path=_store_name(store), tiles_total=n_tiles_total,
-                       tiles_done_before=state["done_before"], altered=state["altered"])
-    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
-    bar = Progress(n_tiles_total, state["done_before"], group, enabled=progress, desc="Gram tiles")
+    mine = split_contiguous(job.state["pending"], r, job.world)
+
     def write(I: int, J: int, block: Tensor) -> None:  # on the writer thread
         write_gram_tile(writer, I, J, block)
-        nbytes = block.numel() * itemsize * (1 if I == J else 2)
-        writer.finished((I, J), tile_log, r)
-        report.tiles_computed += 1
-        report.bytes_written += nbytes
-        report.computed.append((I, J))
-        bar.update(1, nbytes)
+        job.tile_written(writer, (I, J), block.numel() * job.itemsize * (1 if I == J else 2), tile_log)
 
     try:
         with collective_errors(group):
@@ -280,7 +319,7 @@ def build_gram_store(
         barrier(group)
     finally:
         bar.close()
-    finish_job(writer, report, group, t0)
+    finish_job(writer, report, group, job.t0)
     log.info("Gram store %s: %d tiles computed here (%d in all), %d found done, %.2f s",
              report.path, report.tiles_computed, report.tiles_computed_all,
              report.tiles_done_before, report.seconds)

@@ -16,24 +16,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .gram import count_outputs, job_function, tile_generator
+from .gram import open_job
 from .job import (
     finish_job,
     BackgroundWrites,
     DataSource,
     HookedWriter,
     JobReport,
-    Progress,
     barrier,
     data_fingerprint,
     function_identity,
     model_fingerprint,
-    now,
     outputs_id,
-    prepare_store,
     split_contiguous,
 )
-from .layout import StoreSpec, _store_name, normalise_dtype
+from .layout import StoreSpec, normalise_dtype
 
 log = logging.getLogger("nngeo_dist.store")
 
@@ -114,49 +111,27 @@ def build_jacobian_store(
     ``'lowrank'`` (recorded in the store). Memory: the Jacobian rows of one example tile,
     ``(c, B, d)``, plus the one being written in the background."""
     from ..dist.errors import collective_errors
-    from ..dist.fingerprint import check_same_across_ranks
-    from ..dist.group import rank, resolve_group, world_size
 
-    t0 = now()
-    group = resolve_group(group)
-    r, w = rank(group), world_size(group)
-    base_function, outputs = job_function(generator, outputs)
-    if progress is None:
-        progress = getattr(generator, "progress", None)  # GramMatrix(..., progress=...)
-    gen = tile_generator(generator, outputs)
-    source = DataSource(loader, batch_size)
-    with collective_errors(group):
-        c = count_outputs(gen, source)
-        spec = jacobian_spec(gen, source, tile, d_chunk, dtype, outputs, function_id,
-                             user_function if user_function is not None else base_function,
+    def make_spec(gen, source, c, function, outputs):
+        return jacobian_spec(gen, source, tile, d_chunk, dtype, outputs, function_id, function,
                              c, kind, meta)
-    check_same_across_ranks(repr(sorted(spec.fingerprint.items())), f"the {kind} job (model, data, "
-                            "function, outputs, tile, dtype)", group,
-                            "give every rank the same model, dataset and arguments")
-    check_same_across_ranks(_store_name(store), "the store paths", group,
-                            "pass every rank the same store path (on a file system they all see)")
-    state = prepare_store(store, spec, group, resume=resume, overwrite=overwrite,
-                          verify_on_resume=verify_on_resume, storage_options=storage_options)
+
+    job = open_job(generator, loader, store, group, outputs, progress, batch_size, user_function,
+                   make_spec, f"the {kind} job", f"{kind} chunks", resume=resume,
+                   overwrite=overwrite, verify_on_resume=verify_on_resume,
+                   storage_options=storage_options)
+    group, r, gen, source, spec, report = job.group, job.rank, job.gen, job.source, job.spec, job.report
     B, D0 = spec.chunks[1], spec.chunks[2]
-    n_total = len(state["pending"]) + state["done_before"]
     rows_pending: dict[int, list] = {}
-    for I, K in state["pending"]:
+    for I, K in job.state["pending"]:
         rows_pending.setdefault(I, []).append(K)
-    mine = split_contiguous(sorted(rows_pending), r, w)
-    report = JobReport(path=_store_name(store), tiles_total=n_total,
-                       tiles_done_before=state["done_before"], altered=state["altered"])
-    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
-    bar = Progress(n_total, state["done_before"], group, enabled=progress, desc=f"{kind} chunks")
+    mine = split_contiguous(sorted(rows_pending), r, job.world)
+
     def write(I: int, rows: torch.Tensor) -> None:  # on the writer thread
         for K in rows_pending[I]:
             block = rows[:, :, K * D0:(K + 1) * D0]
             writer.write_tile((I, K), block)
-            nbytes = block.numel() * itemsize
-            writer.finished((I, K), tile_log, r)
-            report.tiles_computed += 1
-            report.bytes_written += nbytes
-            report.computed.append((I, K))
-            bar.update(1, nbytes)
+            job.tile_written(writer, (I, K), block.numel() * job.itemsize, tile_log)
 
     try:
         with collective_errors(group):
@@ -169,6 +144,6 @@ def build_jacobian_store(
                     del rows
         barrier(group)
     finally:
-        bar.close()
-    finish_job(writer, report, group, t0)
+        job.bar.close()
+    finish_job(writer, report, group, job.t0)
     return report
