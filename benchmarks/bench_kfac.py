@@ -53,30 +53,13 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+# the core benchmark's models (benchmarks/ is on sys.path when a script there runs)
+from bench_core import make_cnn, make_loader, make_mlp
 
 QUANTITIES = ("kfac", "ekfac", "quasidiag")
 
 
 # ------------------------------------------------------------------------------ models
-
-
-def make_mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def make_cnn(channels, hw, n_out):
-    layers, cin, s = [], 3, hw
-    for cout in channels:
-        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        cin, s = cout, s // 2
-    layers += [nn.Flatten(), nn.Linear(cin * s * s, n_out)]
-    return nn.Sequential(*layers)
 
 
 def model_specs(quick):
@@ -90,10 +73,6 @@ def model_specs(quick):
         "cnn": (lambda: make_cnn([16, 32, 32], 32, 10), (3, 32, 32),
                 "CNN 3x32x32 conv 3-16-32-32 (3x3, pad 1, ReLU, maxpool 2) -> Linear 512-10"),
     }
-
-
-def make_loader(x, batch_size):
-    return DataLoader(TensorDataset(x, torch.zeros(x.shape[0], dtype=torch.long)), batch_size=batch_size, shuffle=False)
 
 
 # ------------------------------------------------------------------------------ floors
