@@ -24,18 +24,12 @@ from nngeo_dist.object import (
     PushForwardImplicit,
     PVector,
 )
+from checks import rel
 
 RTOL = 1e-10
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 REPS = [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatImplicit]
 REP_IDS = [r.__name__ for r in REPS]
 PER_LAYER = [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank]
@@ -43,9 +37,6 @@ PER_LAYER_IDS = [r.__name__ for r in PER_LAYER]
 D64 = torch.float64
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def message(excinfo) -> str:

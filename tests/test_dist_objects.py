@@ -32,6 +32,7 @@ from nngeo_dist.object import (
     PVector,
 )
 from nngeo_dist.object.fspace import ShardedFVector
+from checks import rel
 
 try:
     from dist_harness import run_ranks
@@ -68,9 +69,6 @@ needs_mc_fix = pytest.mark.xfail(
     reason="metrics.FIM_MonteCarlo(seed=...) imports nngeo_dist.groupops, which does not exist")
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 # ------------------------------------------------------------------------------ the work

@@ -30,6 +30,7 @@ from nngeo_dist.object import (
     PushForwardImplicit,
     PVector,
 )
+from checks import rel
 
 RTOL = 1e-10
 RTOL32 = 1e-5
@@ -37,19 +38,9 @@ ALL = list(MODELS)
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 models = pm("name", ALL)
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 # ------------------------------------------------------------------------------------------

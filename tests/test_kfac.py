@@ -20,6 +20,7 @@ from nngeo_dist.generator import Generator
 from nngeo_dist.generator.kfac import kfac_statistics
 from nngeo_dist.generator.variants import fim_root
 from nngeo_dist.object import PMatBlockDiag, PMatDense, PMatEKFAC, PMatKFAC, PVector
+from checks import rel
 
 RTOL = 1e-10
 
@@ -44,9 +45,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def variant_of(c: int) -> str:

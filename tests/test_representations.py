@@ -30,6 +30,7 @@ from nngeo_dist.object import (
     PMatLowRank,
     PVector,
 )
+from checks import rel
 
 RTOL = 1e-10
 CG_RTOL = 1e-8
@@ -39,9 +40,6 @@ REP_IDS = [r.__name__ for r in REPS]
 DENSE_LIKE = (PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank)  # materialisable
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def variant_of(c: int) -> str:
@@ -128,13 +126,6 @@ def value_or_no_closed_form(fn, check):
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 models = pm("name", ALL)
 reps = pm("rep", REPS, ids=REP_IDS)
 

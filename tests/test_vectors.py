@@ -21,13 +21,6 @@ ALL = list(MODELS)
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 models = pm("name", ALL)
 
 

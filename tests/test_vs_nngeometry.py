@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from checks import rel
 from models import NNGEOMETRY_SUPPORTED, loader_of, make
 
 ng = pytest.importorskip("nngeometry")
@@ -44,13 +45,6 @@ SUPPORTED = sorted(NNGEOMETRY_SUPPORTED)
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 models = pm("name", SUPPORTED)
 
 
@@ -62,9 +56,6 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def default_variant(name):
