@@ -6,3 +6,26 @@ def rel(a, b) -> float:
     """Relative error ||a - b|| / ||b|| (Frobenius), 0/0 read as 0."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 240):
+    """Run ``benchmarks/<script> *args`` from the repository root with the package on the
+    path; assert exit 0 and exactly one ``BENCH_JSON`` line. Returns (record, stdout)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), *args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    msg = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, msg
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+    assert len(lines) == 1, msg
+    return json.loads(lines[0][len("BENCH_JSON "):]), proc.stdout

@@ -4,32 +4,17 @@ triangles (byte counts are deterministic; speed is not asserted, DESIGN.md §5).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from checks import run_benchmark
 
 
 @pytest.mark.dist
 def test_bench_dist_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dist.py"), "--quick", "--timeout", "120",
-         "--json", str(out_json)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    msg = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, msg
-    assert "AGREEMENT: PASS" in proc.stdout, msg
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
-    assert len(lines) == 1, msg
-    rec = json.loads(lines[0][len("BENCH_JSON "):])
+    rec, out = run_benchmark("bench_dist.py", "--quick", "--timeout", "120", "--json", str(out_json), timeout=300)
+    assert "AGREEMENT: PASS" in out, out
     assert rec == json.loads(out_json.read_text())
     assert rec["quick"] and rec["threads_per_rank"] == 1 and not rec["errors"]
     by_q = {r["quantity"]: r for r in rec["results"]}

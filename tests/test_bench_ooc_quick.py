@@ -3,28 +3,14 @@ formed. Speed is not asserted here (DESIGN.md §5)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from checks import run_benchmark
 
 
 def test_bench_ooc_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_ooc.py"), "--quick", "--threads", "1",
-         "--json", str(out_json), "--store-dir", str(tmp_path / "stores")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
-    msg = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, msg
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
-    assert len(lines) == 1, msg
-    rec = json.loads(lines[0][len("BENCH_JSON "):])
+    rec, _ = run_benchmark("bench_ooc.py", "--quick", "--threads", "1", "--json", str(out_json),
+                           "--store-dir", str(tmp_path / "stores"))
     assert rec == json.loads(out_json.read_text())
     assert not rec["errors"] and rec["quick"]
     s, small = rec["store"], rec["store_small"]
