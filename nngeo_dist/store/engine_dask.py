@@ -26,9 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .gram import build_gram_store, compute_gram_tile, count_outputs, gram_spec, job_function, tile_generator
-from .job import DataSource, HookedWriter, JobReport, Progress, now, prepare_store
-from .layout import _store_name
+from .gram import build_gram_store, compute_gram_tile, gram_spec, open_job, tile_generator
+from .job import DataSource, HookedWriter, JobReport, finish_job
 from .tiles import write_gram_tile
 
 log = logging.getLogger("nngeo_dist.store")
@@ -134,22 +133,13 @@ def build_gram_store_dask(
     import dask
     from distributed import as_completed
 
-    t0 = now()
-    base_function, outputs = job_function(generator, outputs)
-    if progress is None:
-        progress = getattr(generator, "progress", None)  # GramMatrix(..., progress=...)
-    gen = tile_generator(generator, outputs)
-    source = DataSource(loader, batch_size)
-    c = count_outputs(gen, source)
-    spec = gram_spec(gen, source, tile, dtype, outputs, function_id,
-                     user_function if user_function is not None else base_function, c, meta)
-    state = prepare_store(store, spec, None, resume=resume, overwrite=overwrite,
-                          verify_on_resume=verify_on_resume, storage_options=storage_options)
-    B = spec.chunks[1]
-    pending = state["pending"]
-    report = JobReport(path=_store_name(store), tiles_total=len(pending) + state["done_before"],
-                       tiles_done_before=state["done_before"], altered=state["altered"])
-    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    def make_spec(gen, source, c, function, outputs):
+        return gram_spec(gen, source, tile, dtype, outputs, function_id, function, c, meta)
+
+    job = open_job(generator, loader, store, None, outputs, progress, batch_size, user_function,
+                   make_spec, "the Gram job", "Gram tiles (dask)", resume=resume, overwrite=overwrite,
+                   verify_on_resume=verify_on_resume, storage_options=storage_options)
+    spec, report, bar, pending = job.spec, job.report, job.bar, job.state["pending"]
     writer = HookedWriter(store, storage_options)
     if pending:
         own_client = client is None
@@ -161,40 +151,35 @@ def build_gram_store_dask(
         store_str = str(store) if not hasattr(store, "__fspath__") else os.fspath(store)
         if "://" not in store_str:
             store_str = os.path.abspath(store_str)
-        job = GramTileJob(
-            token=uuid.uuid4().hex, model=generator.model, function=base_function,
+        tiles = GramTileJob(
+            token=uuid.uuid4().hex, model=generator.model, function=job.function,
             layer_collection=generator.layer_collection, max_outputs=generator.capturer.max_outputs,
-            outputs=outputs, source=source, store=store_str, B=B, storage_options=storage_options,
-            torch_threads=torch_threads, tile_log=tile_log,
+            outputs=job.outputs, source=job.source, store=store_str, B=spec.chunks[1],
+            storage_options=storage_options, torch_threads=torch_threads, tile_log=tile_log,
         )
-        bar = Progress(report.tiles_total, state["done_before"], None, enabled=progress,
-                       desc="Gram tiles (dask)")
         try:
-            [job_future] = client.scatter([job], broadcast=True, hash=False)
+            [job_future] = client.scatter([tiles], broadcast=True, hash=False)
             tasks = [
                 dask.delayed(run_tile, pure=False)(job_future, I, J,
-                                                   dask_key_name=f"gram-tile-{I}-{J}-{job.token}")
+                                                   dask_key_name=f"gram-tile-{I}-{J}-{tiles.token}")
                 for I, J in pending
             ]
             futures = client.compute(tasks)
             for fut in as_completed(futures):
                 I, J = fut.result()
                 nbytes = spec.tile_shape((I, J))
-                nbytes = int(torch.Size(nbytes).numel()) * itemsize * (1 if I == J else 2)
+                nbytes = int(torch.Size(nbytes).numel()) * job.itemsize * (1 if I == J else 2)
                 report.tiles_computed += 1
                 report.bytes_written += nbytes
                 report.computed.append((I, J))
                 bar.update(1, nbytes)
         finally:
-            bar.close()
             if own_client:
                 client.close()
                 if cluster is not None:
                     cluster.close()
-    writer.mark_complete(strict=True)
-    report.tiles_computed_all, report.bytes_written_all = report.tiles_computed, report.bytes_written
-    report.seconds = now() - t0
-    return report
+    bar.close()
+    return finish_job(writer, report, None, job.t0)
 
 
 def build_gram_store_engine(engine: str, *args, **kw) -> JobReport:

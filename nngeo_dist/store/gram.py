@@ -112,6 +112,8 @@ class Job:
     """What every tiled job (Gram, Jacobian) shares once its store is prepared."""
 
     t0: float
+    function: Callable  # the user's function (outputs not yet selected)
+    outputs: Any  # the normalised output selection
     group: Any
     rank: int
     world: int
@@ -164,7 +166,7 @@ def open_job(generator, loader, store, group, outputs, progress, batch_size, use
                        tiles_done_before=state["done_before"], altered=state["altered"])
     itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     bar = Progress(total, state["done_before"], group, enabled=progress, desc=desc)
-    return Job(t0, group, rank(group), world_size(group), gen, source, spec, state, report, itemsize, bar)
+    return Job(t0, base_function, outputs, group, rank(group), world_size(group), gen, source, spec, state, report, itemsize, bar)
 
 def gram_spec(generator, source: DataSource, tile: Optional[int], dtype: Any, outputs: Any,
               function_id: Optional[str], user_function: Optional[Callable], c: int,
