@@ -19,6 +19,7 @@ Any other layer only needs ``per_example_grads``; every statistic has a generic 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -37,7 +38,9 @@ def register(*kinds: str):
     return deco
 
 
+@functools.lru_cache(maxsize=None)
 def layer_math_for(kind: str) -> "LayerMath":
+    """The (stateless, shared) kernels of layer type ``kind``."""
     try:
         return LAYER_TYPES[kind]()
     except KeyError:
@@ -62,8 +65,6 @@ def _square_sum_rows(x: Tensor) -> Tensor:
 
 class LayerMath:
     """Kernels of one layer type. Subclasses give ``per_example_grads``; the rest derive."""
-
-    kind = "?"
 
     def check_module(self, mod, name: str) -> None:
         """Raise a clear error for a configuration these kernels do not cover."""
