@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .capture import Capturer, _check_finite
 from .functional import FunctionalModel
+from .kfac import StatSpec, _selected, run_spec
 from .statistics import Statistics
 
 log = logging.getLogger("nngeo_dist.generator")
@@ -113,15 +114,19 @@ class Generator:
         return Statistics(sums, self.last_count, frozenset(symmetric))
 
     # statistics ------------------------------------------------------------------------
-    def diag_statistics(self, loader) -> Statistics:
-        """sums: ``diag`` (d,) = sum_n sum_k J_k(x_n)^2."""
+    def diag_spec(self, names=None) -> StatSpec:
+        """sums: ``diag`` (d_names,) = sum_n sum_k J_k(x_n)^2 over the layers ``names``
+        (default: all), in flat order."""
+        layers = _selected(self, names)
 
         def per_batch(cap, ks):
-            return {"diag": torch.cat([
-                layer.math.diag(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()
-            ])}
+            return {"diag": torch.cat([l.math.diag(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers])}
 
-        return self._accumulate(loader, "diag", {"diag": self._zeros(self.layer_collection.numel())}, per_batch)
+        return StatSpec({"diag": self._zeros(sum(l.numel() for _, l, _ in layers))}, per_batch)
+
+    def diag_statistics(self, loader) -> Statistics:
+        """sums: ``diag`` (d,) = sum_n sum_k J_k(x_n)^2."""
+        return run_spec(self, loader, self.diag_spec(), "diag")
 
     def functional_diag_statistics(self, loader) -> Statistics:
         """Like :meth:`diag_statistics` through ``torch.func`` per-example Jacobians: slower,
@@ -148,24 +153,41 @@ class Generator:
             layer.math.per_example_grads_into(mod, cap.inputs[n], cap.grads[n], view)
         return out
 
-    def dense_statistics(self, loader) -> Statistics:
-        """sums: ``dense`` (d, d) = sum_n J_n^T J_n."""
-        d = self.layer_collection.numel()
+    def dense_spec(self, names=None) -> StatSpec:
+        """sums: ``dense`` (d_names, d_names) = sum_n J_n^T J_n over the layers ``names``."""
+        if names is None:
+            def grads(cap):
+                return self.per_example_grads(cap)
+        else:
+            layers = _selected(self, names)
+
+            def grads(cap):
+                return torch.cat([l.math.per_example_grads(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers], dim=-1)
+        d = sum(l.numel() for _, l, _ in _selected(self, names))
 
         def per_batch(cap, ks):
-            pg = self.per_example_grads(cap).flatten(0, 1)
+            pg = grads(cap).flatten(0, 1)
             return {"dense": pg.t() @ pg}
 
-        return self._accumulate(loader, "dense", {"dense": self._zeros(d, d)}, per_batch, ["dense"])
+        return StatSpec({"dense": self._zeros(d, d)}, per_batch, frozenset(["dense"]))
+
+    def dense_statistics(self, loader) -> Statistics:
+        """sums: ``dense`` (d, d) = sum_n J_n^T J_n."""
+        return run_spec(self, loader, self.dense_spec(), "dense")
+
+    def block_spec(self, names=None) -> StatSpec:
+        """sums: ``block/<layer>`` (d_l, d_l) for the layers ``names`` (default: all)."""
+        layers = _selected(self, names)
+        init = {f"block/{n}": self._zeros(l.numel(), l.numel()) for n, l, _ in layers}
+
+        def per_batch(cap, ks):
+            return {f"block/{n}": l.math.block(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers}
+
+        return StatSpec(init, per_batch, frozenset(init))
 
     def block_statistics(self, loader) -> Statistics:
         """sums: ``block/<layer>`` (d_l, d_l) per layer."""
-        init = {f"block/{n}": self._zeros(l.numel(), l.numel()) for n, l in self.layer_collection.layers.items()}
-
-        def per_batch(cap, ks):
-            return {f"block/{n}": layer.math.block(mod, cap.inputs[n], cap.grads[n]) for n, layer, mod in self._layers()}
-
-        return self._accumulate(loader, "blocks", init, per_batch, list(init))
+        return run_spec(self, loader, self.block_spec(), "blocks")
 
     def trace_statistics(self, loader) -> Statistics:
         """sums: ``trace`` () = sum_n ||J_n||_F^2."""

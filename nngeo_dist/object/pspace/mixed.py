@@ -35,45 +35,10 @@ from .base import PMatAbstract
 # kernels); tests check that a mixed matrix of one part equals the plain representation.
 
 
-def _sub_layers(generator, layer_collection):
-    return [(n, l, m) for n, l, m in generator._layers() if n in layer_collection.layers]
-
-
-def _diag_spec(generator, layer_collection) -> StatSpec:
-    layers = _sub_layers(generator, layer_collection)
-
-    def per_batch(cap, ks):
-        return {"diag": torch.cat([l.math.diag(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers])}
-
-    return StatSpec({"diag": generator._zeros(layer_collection.numel())}, per_batch)
-
-
-def _block_spec(generator, layer_collection) -> StatSpec:
-    layers = _sub_layers(generator, layer_collection)
-    init = {f"block/{n}": generator._zeros(l.numel(), l.numel()) for n, l, _ in layers}
-
-    def per_batch(cap, ks):
-        return {f"block/{n}": l.math.block(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers}
-
-    return StatSpec(init, per_batch, frozenset(init))
-
-
-def _dense_spec(generator, layer_collection) -> StatSpec:
-    layers = _sub_layers(generator, layer_collection)
-    d = layer_collection.numel()
-
-    def per_batch(cap, ks):
-        pg = torch.cat([l.math.per_example_grads(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers], dim=-1)
-        pg = pg.flatten(0, 1)
-        return {"dense": pg.t() @ pg}
-
-    return StatSpec({"dense": generator._zeros(d, d)}, per_batch, frozenset(["dense"]))
-
-
-_CORE_SPECS = {
-    "diag_statistics": _diag_spec,
-    "block_statistics": _block_spec,
-    "dense_statistics": _dense_spec,
+_CORE_SPECS = {  # statistics_method -> the generator's spec over some layers
+    "diag_statistics": "diag_spec",
+    "block_statistics": "block_spec",
+    "dense_statistics": "dense_spec",
 }
 
 
@@ -82,7 +47,7 @@ def _spec_for(cls, generator, layer_collection) -> Optional[StatSpec]:
     if hasattr(cls, "statistics_spec"):
         return cls.statistics_spec(generator, layer_collection)
     builder = _CORE_SPECS.get(getattr(cls, "statistics_method", None))
-    return None if builder is None else builder(generator, layer_collection)
+    return None if builder is None else getattr(generator, builder)(list(layer_collection.layers))
 
 
 def _accepted(fn, kw: dict) -> dict:
