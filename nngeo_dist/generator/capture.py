@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .layers import input_memo
+
 log = logging.getLogger("nngeo_dist.generator")
 
 
@@ -112,30 +114,42 @@ def _check_finite(out: Tensor) -> None:
         )
 
 
-def _output_grads(out: Tensor, tensors: Sequence[Tensor], ks: range, batched: bool) -> list:
-    """Gradients of out[:, k] (summed over examples) w.r.t. each tensor, for k in ks.
-
-    Returns, per tensor, a (len(ks), *tensor.shape) tensor.
-    """
+def _unit_cotangents(out: Tensor, ks: range) -> Tensor:
+    """(len(ks), N, K): the cotangent selecting out[:, k], summed over examples, per k."""
     N, K = out.shape
     eye = torch.zeros(len(ks), N, K, dtype=out.dtype, device=out.device)
     for j, k in enumerate(ks):
         eye[j, :, k] = 1
-    if batched:
-        gs = torch.autograd.grad(
-            out, tensors, grad_outputs=eye, is_grads_batched=True,
-            retain_graph=True, allow_unused=True,
-        )
-        return [torch.zeros((len(ks),) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
-                for g, t in zip(gs, tensors)]
-    per_k = [
-        torch.autograd.grad(out, tensors, grad_outputs=eye[j], retain_graph=True, allow_unused=True)
-        for j in range(len(ks))
-    ]
-    return [
-        torch.stack([torch.zeros_like(t) if pk[i] is None else pk[i] for pk in per_k])
-        for i, t in enumerate(tensors)
-    ]
+    return eye
+
+
+def _zeros_for_unused(grads, tensors, lead: tuple) -> list:
+    return [torch.zeros(lead + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(grads, tensors)]
+
+
+def _grads_batched(out: Tensor, tensors: Sequence[Tensor], ks: range) -> list:
+    """Gradients of out[:, k] (summed over examples) w.r.t. each tensor, for k in ks, in
+    one vectorised backward: per tensor, a (len(ks), *tensor.shape) tensor."""
+    gs = torch.autograd.grad(
+        out, tensors, grad_outputs=_unit_cotangents(out, ks), is_grads_batched=True,
+        retain_graph=True, allow_unused=True,
+    )
+    return _zeros_for_unused(gs, tensors, (len(ks),))
+
+
+def _grads_looped(out: Tensor, tensors: Sequence[Tensor], ks: range) -> "Iterator[list]":
+    """The same, one backward per output: yields, per k, a list of (1, *tensor.shape)
+    views (no copy into a stacked tensor)."""
+    eye = _unit_cotangents(out, ks)
+    for j in range(len(ks)):
+        gs = torch.autograd.grad(out, tensors, grad_outputs=eye[j], retain_graph=True, allow_unused=True)
+        yield [g.unsqueeze(0) for g in _zeros_for_unused(gs, tensors, ())]
+
+
+def _stacked(per_k: list) -> list:
+    """Per-output lists of (1, ...) gradients -> per tensor, one (K, ...) tensor."""
+    return [torch.cat(gs) for gs in zip(*per_k)]
 
 
 #: model -> whether the vectorised backward won on it (one timing per model and process,
@@ -194,8 +208,13 @@ class Capturer:
             raise RuntimeError("the function's output does not depend on any parameter")
         return out
 
-    def capture(self, batch: Sequence) -> "Iterator[tuple[range, Captured]]":
-        """Yield (output slice, Captured) for chunks of at most ``max_outputs`` outputs."""
+    def capture(self, batch: Sequence, stream: bool = False) -> "Iterator[tuple[range, Captured]]":
+        """Yield (output slice, Captured) for chunks of at most ``max_outputs`` outputs.
+
+        ``stream=True`` (a consumer that sums over outputs): when one backward per output
+        is the faster route, each output is yielded as soon as it is back-propagated, as
+        views of autograd's own gradients, instead of being stacked with the others.
+        """
         if self.foreign_users:
             users = ", ".join(f"'{m}' (tied to '{l}')" for m, l in self.foreign_users)
             raise PerLayerCaptureError(
@@ -204,52 +223,64 @@ class Capturer:
                 "differentiates through every use of a tied parameter"
             )
         out, rec = self.forward(batch)
-        names = [n for n in self.l_to_m if n in rec.outputs]
+        missing = [n for n in self.l_to_m if n not in rec.outputs]
+        if missing:
+            raise RuntimeError(
+                f"layer '{missing[0]}' of the collection was not called by the function; "
+                "build the LayerCollection from the layers the function uses"
+            )
+        names = list(self.l_to_m)
         K = out.shape[1]
         step = self.max_outputs or K
         tensors = [rec.outputs[n] for n in names]
-        for k0 in range(0, K, step):
-            ks = range(k0, min(K, k0 + step))
-            grads = self._grads(out, tensors, ks)
-            g = {n: gr for n, gr in zip(names, grads)}
-            for n in self.l_to_m:  # a layer the function did not reach contributes zeros
-                if n not in g:
-                    raise RuntimeError(
-                        f"layer '{n}' of the collection was not called by the function; "
-                        "build the LayerCollection from the layers the function uses"
-                    )
-            yield ks, Captured(out.detach()[:, ks.start:ks.stop], rec.inputs, g, K)
+        with input_memo():
+            for k0 in range(0, K, step):
+                ks = range(k0, min(K, k0 + step))
+                for sub, grads in self._grads(out, tensors, ks, stream):
+                    g = dict(zip(names, grads))
+                    yield sub, Captured(out.detach()[:, sub.start:sub.stop], rec.inputs, g, K)
 
-    def _grads(self, out, tensors, ks):
+    def _grads(self, out, tensors, ks, stream) -> "Iterator[tuple[range, list]]":
+        """(output slice, per-tensor gradients (len(slice), *shape)): ``ks`` at once, or
+        output by output when looping and ``stream``."""
         if self._batched is None and len(ks) > 1:
-            return self._choose_backward(out, tensors, ks)
-        if self._batched is not False:
+            batched, grads = self._choose_backward(out, tensors, ks)
+        elif self._batched is not False:
             try:
-                return _output_grads(out, tensors, ks, batched=True)
+                batched, grads = True, _grads_batched(out, tensors, ks)
             except (RuntimeError, NotImplementedError) as e:  # an op without a batching rule
                 log.info("vectorised backward unavailable (%s); one backward per output", e)
                 self._batched = False
-        return _output_grads(out, tensors, ks, batched=False)
+                batched, grads = False, _grads_looped(out, tensors, ks)
+        else:
+            batched, grads = False, _grads_looped(out, tensors, ks)
+        if batched:
+            yield ks, grads
+        elif stream:
+            for k, gk in zip(ks, grads):
+                yield range(k, k + 1), gk
+        else:
+            yield ks, _stacked(list(grads))
 
-    def _choose_backward(self, out, tensors, ks):
+    def _choose_backward(self, out, tensors, ks) -> tuple[bool, list]:
         """Time the vectorised backward against one backward per output on the first
         batch and keep the faster: vmap's batching rules win on dense layers, lose on
-        some convolution/pooling backwards."""
+        some convolution/pooling backwards. Returns (vectorised?, that route's gradients),
+        so that every batch (and every later pass) agrees bitwise."""
         t0 = time.perf_counter()
         try:
-            grads = _output_grads(out, tensors, ks, batched=True)
+            grads = _grads_batched(out, tensors, ks)
         except (RuntimeError, NotImplementedError) as e:
             log.info("vectorised backward unavailable (%s); one backward per output", e)
             self._batched = _BACKWARD_CHOICE[self.model] = False
-            return _output_grads(out, tensors, ks, batched=False)
+            return False, _grads_looped(out, tensors, ks)
         t1 = time.perf_counter()
-        looped = _output_grads(out, tensors, ks, batched=False)
+        looped = list(_grads_looped(out, tensors, ks))
         t2 = time.perf_counter()
         self._batched = (t1 - t0) <= (t2 - t1)
         _BACKWARD_CHOICE[self.model] = self._batched
         log.info("backward over %d outputs: vectorised %.4fs, looped %.4fs", len(ks), t1 - t0, t2 - t1)
-        # the chosen route's numbers, so that every batch (and every later pass) agrees bitwise
-        return grads if self._batched else looped
+        return (True, grads) if self._batched else (False, looped)
 
 
 def _foreign_users(model: nn.Module, layer_collection, l_to_m: dict) -> list:

@@ -86,13 +86,15 @@ class Generator:
                 "drop n_output (it is inferred) or fix the function"
             )
 
-    def _captures(self, loader, desc):
-        """Yield (ks, Captured) for every batch and output chunk; count examples."""
+    def _captures(self, loader, desc, stream: bool = True):
+        """Yield (ks, Captured) for every batch and output chunk; count examples.
+        ``stream``: see :meth:`Capturer.capture` (False: one chunk per batch unless
+        ``max_outputs`` says otherwise)."""
         self.last_count = 0
         self.capturer.check_modules()
         for batch in self.batches(loader, desc):
             first = True
-            for ks, cap in self.capturer.capture(batch):
+            for ks, cap in self.capturer.capture(batch, stream):
                 if first:
                     self._check_n_output(cap.k_total)
                     self.last_count += cap.n
@@ -230,7 +232,7 @@ class Generator:
         feats = []
         if n_total is None:  # one choice of features per layer for every batch
             n_total = len(getattr(loader, "dataset", ())) or None
-        for ks, cap in self._captures(loader, "gram features"):
+        for ks, cap in self._captures(loader, "gram features", stream=False):
             n_total = n_total or cap.n
             f = {n: layer.math.gram_features(mod, cap.inputs[n], cap.grads[n], n_total) for n, layer, mod in self._layers()}
             if ks.start == 0:

@@ -19,7 +19,10 @@ Any other layer only needs ``per_example_grads``; every statistic has a generic 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
+import threading
 from typing import Optional
 
 import torch
@@ -52,6 +55,42 @@ def _prod(shape) -> int:
     for s in shape:
         out *= int(s)
     return out
+
+
+_memo_scope = threading.local()
+
+
+@contextlib.contextmanager
+def input_memo():
+    """A scope (one captured batch) within which helpers marked :func:`per_input` run once
+    per layer and input tensor: the batch's output chunks each call the kernels on the
+    same inputs, and unfolding or normalising them is worth doing once."""
+    outer = getattr(_memo_scope, "memo", None)
+    _memo_scope.memo = {}
+    try:
+        yield
+    finally:
+        _memo_scope.memo = outer
+
+
+def per_input(fn):
+    """Memoise ``fn(self, mod, a)``, a function of the module and its captured input only,
+    within the current :func:`input_memo` scope (outside one: no memo)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, mod, a):
+        memo = getattr(_memo_scope, "memo", None)
+        if memo is None:
+            return fn(self, mod, a)
+        key = (fn, id(mod), id(a))
+        hit = memo.get(key)
+        if hit is not None and hit[0] is a and hit[1] == a._version:
+            return hit[2]
+        value = fn(self, mod, a)
+        memo[key] = (a, a._version, value)  # holding ``a`` keeps its id unique in the scope
+        return value
+
+    return wrapper
 
 
 class KFACUnsupportedError(TypeError, NotImplementedError):
@@ -299,16 +338,11 @@ class AffineMath(LayerMath):
         (the bias row and column are the patches' sum and count: no ones are appended)."""
         p = self.patches(mod, a)
         N, T, i = p.shape
-        if T >= i:
-            # many positions (convolutions): one (i, T) x (T, i) product per example, read
-            # in the layout the patches come in (no copy)
-            A = torch.bmm(p.transpose(1, 2), p).sum(dim=0)
-        else:
-            p = p.reshape(-1, i)
-            A = p.t() @ p
+        p = p.reshape(-1, i)  # a view for every layer's patches (see patch_columns)
+        A = p.t() @ p
         if not self.has_bias(mod):
             return A
-        s = p.sum(dim=tuple(range(p.dim() - 1)))
+        s = p.sum(dim=0)
         out = A.new_empty(i + 1, i + 1)
         out[:-1, :-1] = A
         out[:-1, -1] = s
@@ -409,18 +443,20 @@ class LinearMath(AffineMath):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
-def _conv_padding(mod, dims: int) -> tuple[list[int], tuple]:
-    """Explicit (left, right) padding per spatial dim, torch's 'same'/'valid' resolved."""
+def _conv_padding(mod, dims: int) -> list[int]:
+    """The module's padding as an ``F.pad`` list ((left, right) per spatial dim, last dim
+    first), torch's 'same' and 'valid' resolved."""
     ks, dil = mod.kernel_size, mod.dilation
-    if isinstance(mod.padding, str):
-        if mod.padding == "valid":
-            return [0] * (2 * dims), (0,) * dims
-        total = [dil[d] * (ks[d] - 1) for d in range(dims)]
-        pads = []
-        for d in reversed(range(dims)):  # F.pad order: last dim first
-            pads += [total[d] // 2, total[d] - total[d] // 2]
-        return pads, (0,) * dims
-    return [0] * (2 * dims), tuple(mod.padding)
+    if mod.padding == "valid":
+        return [0] * (2 * dims)
+    pads = []
+    for d in reversed(range(dims)):
+        if mod.padding == "same":
+            total = dil[d] * (ks[d] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [mod.padding[d]] * 2
+    return pads
 
 
 class ConvMath(AffineMath):
@@ -439,27 +475,26 @@ class ConvMath(AffineMath):
                 "is supported"
             )
 
-    def _unfold(self, mod, a):
-        pads, padding = _conv_padding(mod, self.dims)
+    @per_input
+    def patch_columns(self, mod, a: Tensor) -> Tensor:
+        """(i, N, T) input patches, i = C * prod(kernel) in the weight's (C, *kernel)
+        order: one strided copy of the (padded) input per kernel offset. Faster than
+        im2col, and in this layout the patches of a whole batch are one (i, N T) matrix."""
+        pads = _conv_padding(mod, self.dims)
         if any(pads):
             a = F.pad(a, pads)
-        if self.dims == 1:
-            cols = F.unfold(
-                a.unsqueeze(2),
-                kernel_size=(1, mod.kernel_size[0]),
-                stride=(1, mod.stride[0]),
-                padding=(0, padding[0]),
-                dilation=(1, mod.dilation[0]),
-            )
-        else:
-            cols = F.unfold(
-                a, kernel_size=mod.kernel_size, stride=mod.stride,
-                padding=padding, dilation=mod.dilation,
-            )
-        return cols  # (N, C*prod(k), T)
+        N, C = a.shape[:2]
+        ks, st, dil = mod.kernel_size, mod.stride, mod.dilation
+        size = [(a.shape[2 + d] - dil[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(self.dims)]
+        cols = a.new_empty((C, *ks, N, *size))
+        src = a.transpose(0, 1)  # (C, N, *spatial)
+        for off in itertools.product(*(range(k) for k in ks)):
+            window = tuple(slice(o * dl, o * dl + (n - 1) * s + 1, s) for o, dl, n, s in zip(off, dil, size, st))
+            cols[(slice(None), *off)].copy_(src[(slice(None), slice(None), *window)])
+        return cols.view(C * _prod(ks), N, _prod(size))
 
     def patches(self, mod, a):
-        return self._unfold(mod, a).transpose(1, 2)
+        return self.patch_columns(mod, a).permute(1, 2, 0)
 
     def positions(self, mod, g):
         K, N, o = g.shape[:3]
@@ -495,6 +530,7 @@ class EmbeddingMath(AffineMath):
     def has_bias(self, mod):
         return False
 
+    @per_input
     def _onehot(self, mod, a):
         idx = a.reshape(a.shape[0], -1)
         p = F.one_hot(idx, mod.num_embeddings).to(mod.weight.dtype)
@@ -611,8 +647,12 @@ class ElementwiseAffineMath(LayerMath):
             x = x.sum(dim=tuple(range(2, lead)))
         return x.flatten(2)
 
+    @per_input
+    def _xhat(self, mod, a):
+        return self.normalized(mod, a)
+
     def per_example_grads(self, mod, a, g):
-        w = self._sum_to_param(mod, g * self.normalized(mod, a))
+        w = self._sum_to_param(mod, g * self._xhat(mod, a))
         if getattr(mod, "bias", None) is None:
             return w
         return torch.cat([w, self._sum_to_param(mod, g)], dim=-1)

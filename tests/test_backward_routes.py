@@ -1,0 +1,143 @@
+"""The two backward routes and the kernels' input transforms.
+
+Per model, the capturer back-propagates all outputs in one vectorised backward, or one
+backward per output, which a summing consumer (statistics, Jacobian rows) receives output
+by output. Both routes, with and without output chunking (``max_outputs``), must give the
+oracle's numbers. Convolution patches are built by strided copies (not im2col) and are
+memoised within a captured batch: both checked against ``F.unfold`` and by identity.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import oracle
+from checks import rel
+from models import loader_of, make
+from nngeo_dist import FIM, GramMatrix, Jacobian
+from nngeo_dist.generator import capture
+from nngeo_dist.generator.layers import input_memo, layer_math_for
+from nngeo_dist.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC, PMatQuasiDiag
+
+RTOL = 1e-10
+ROUTED = ["linear_seq", "conv1d", "conv2d_stride_pad", "groupnorm2d", "embedding_padidx", "mixed_cnn"]
+FACTORED = ["conv1d", "conv2d_stride_pad", "conv2d_dilation", "linear_seq"]
+
+
+def routed(name: str, vectorised: bool):
+    """The zoo model with the capturer's backward route fixed (as the first-batch timing
+    would leave it)."""
+    model, batches, c = make(name)
+    capture._BACKWARD_CHOICE[model] = vectorised
+    return model, batches, c
+
+
+def variant_of(c: int) -> str:
+    return "classif_binary_logits" if c == 1 else "classif_logits"
+
+
+@pytest.mark.parametrize("max_outputs", [None, 2])
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])
+@pytest.mark.parametrize("name", ROUTED)
+def test_statistics_match_oracle_on_both_routes(name, vectorised, max_outputs):
+    model, batches, c = routed(name, vectorised)
+    want = oracle.fim_dense(model, batches, variant_of(c))
+    loader = loader_of(batches)
+    kw = dict(variant=variant_of(c), max_outputs=max_outputs, progress=False)
+    dense = FIM(model, loader, PMatDense, **kw).to_torch()
+    diag = FIM(model, loader, PMatDiag, **kw).to_torch()
+    blocks = FIM(model, loader, PMatBlockDiag, **kw)
+    assert rel(dense, want) < RTOL
+    assert rel(diag, torch.diag(torch.diag(want))) < RTOL
+    mask = torch.zeros_like(want, dtype=torch.bool)
+    lc = blocks.layer_collection
+    for lname, layer in lc.layers.items():
+        s = lc.p_pos[lname]
+        mask[s:s + layer.numel(), s:s + layer.numel()] = True
+    assert rel(blocks.to_torch(), want * mask) < RTOL
+
+
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])
+@pytest.mark.parametrize("name", ROUTED)
+def test_jacobian_and_gram_match_oracle_on_both_routes(name, vectorised):
+    model, batches, c = routed(name, vectorised)
+    J = oracle.per_example_jacobian(model, None, batches)
+    loader = loader_of(batches)
+    assert rel(Jacobian(model, loader, max_outputs=2, progress=False).to_torch(), J) < RTOL
+    gram = GramMatrix(model, loader, progress=False).to_torch()
+    assert rel(gram, torch.einsum("aik,bjk->aibj", J, J)) < RTOL
+
+
+@pytest.mark.parametrize("name", FACTORED)
+def test_factored_representations_agree_across_routes(name):
+    """KFAC, EKFAC (with its refitted diagonal) and QuasiDiag read gradients chunk by
+    chunk; the oracle tests pin one route, this one pins the other to it."""
+    results = {}
+    for vectorised in (True, False):
+        model, batches, c = routed(name, vectorised)
+        loader = loader_of(batches)
+        kw = dict(variant=variant_of(c), progress=False)
+        ekfac = FIM(model, loader, PMatEKFAC, **kw)
+        ekfac.update_diag(loader)
+        results[vectorised] = [
+            FIM(model, loader, PMatKFAC, **kw).to_torch(),
+            ekfac.to_torch(),
+            FIM(model, loader, PMatQuasiDiag, **kw).to_torch(),
+        ]
+    for a, b in zip(results[True], results[False]):
+        assert a.abs().max() > 0
+        assert rel(b, a) < 1e-12
+
+
+# ------------------------------------------------------------------------------ patches
+
+
+CONVS = [
+    nn.Conv2d(3, 4, 3, padding=1),
+    nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)),
+    nn.Conv2d(3, 4, 3, dilation=2, padding=2),
+    nn.Conv2d(3, 4, (2, 3), padding="same", dilation=(1, 2)),
+    nn.Conv2d(3, 4, 4, stride=3, padding="valid"),
+    nn.Conv1d(3, 4, 3, stride=2, padding=1),
+    nn.Conv1d(3, 4, 4, padding="same", dilation=2),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
+def test_patches_equal_unfold(conv):
+    conv = conv.double()
+    spatial = (7, 9) if isinstance(conv, nn.Conv2d) else (11,)
+    a = torch.randn(5, 3, *spatial, dtype=torch.float64)
+    math = layer_math_for(type(conv).__name__)
+    p = math.patches(conv, a)  # (N, T, i)
+    y = conv(a)
+    T = y[0, 0].numel()
+    # oracle: the convolution itself is W p_t + b at every position
+    out = torch.einsum("nti,oi->not", p, conv.weight.reshape(conv.out_channels, -1))
+    assert p.shape == (5, T, conv.weight[0].numel())
+    assert rel(out + conv.bias[:, None], y.reshape(5, conv.out_channels, -1)) < 1e-12
+    if isinstance(conv, nn.Conv2d) and not isinstance(conv.padding, str):
+        want = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        assert torch.equal(p, want.transpose(1, 2))
+
+
+def test_patches_memoised_within_a_batch_only():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    math = layer_math_for("Conv2d")
+    a = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    with input_memo():
+        p1 = math.patch_columns(conv, a)
+        assert math.patch_columns(conv, a) is p1
+        a.mul_(2)  # an input changed in place is unfolded again
+        p2 = math.patch_columns(conv, a)
+        assert p2 is not p1 and torch.equal(p2, 2 * p1)
+    assert math.patch_columns(conv, a) is not p2  # outside a batch: no memo
+
+
+def test_unknown_backward_route_is_timed_once_per_model():
+    model, batches, c = make("conv2d")
+    capture._BACKWARD_CHOICE.pop(model, None)
+    FIM(model, loader_of(batches), PMatDiag, progress=False)
+    assert capture._BACKWARD_CHOICE[model] in (True, False)
