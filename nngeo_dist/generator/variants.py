@@ -58,15 +58,18 @@ def _multinomial_cholesky_root(f: Tensor) -> Tensor:
     if f.shape[1] == 1:
         return f * 0
     c = f.shape[1]
-    # strict upper "tail" operator: (x @ tail)[:, k] = sum_{j>k} x_j, k = 0..c-2; a matmul
-    # keeps the differentiated path to one product (cumsum/flip are slow under forward AD)
+    # strict upper "tail" operator: (x @ tail)[:, k] = sum_{j>k} x_j, k = 0..c-2
     tail = torch.ones(c, c - 1, dtype=f.dtype, device=f.device).tril(-1)
     p = torch.softmax(f, dim=1).detach()
     q = p @ tail  # q_k = sum_{j>k} p_j, summed forwards: no cancellation when p_1 ~ 1
     q_prev = q + p[:, :-1]  # q_{k-1} = sum_{j>=k} p_j
     tiny = torch.finfo(f.dtype).tiny
     coef = (p[:, :-1] * q / q_prev.clamp_min(tiny)).sqrt()
-    return coef * (f[:, :-1] - ((p * f) @ tail) / q.clamp_min(tiny))
+    # r_n = f_n M_n with M[n, j, k] = coef_k (delta_jk - [j > k] p_j / q_k): the
+    # differentiated path is one product (elementwise ops are slow under forward AD)
+    eye = torch.eye(c, c - 1, dtype=f.dtype, device=f.device)
+    M = (eye - tail * (p[:, :, None] / q.clamp_min(tiny)[:, None, :])) * coef[:, None, :]
+    return torch.bmm(f.unsqueeze(1), M).squeeze(1)
 
 
 def monte_carlo_root(function: Callable, variant: str, trials: int, generator: Optional[torch.Generator]) -> Callable:
