@@ -273,23 +273,23 @@ class AffineMath(LayerMath):
         if self.weight_layout != "oi":
             return super().quasidiag(mod, a, g, layer)
         if p.shape[1] != 1:
-            # per-example gradients output by output, (N, o, i) each: no (K, N, o, i)
-            # temporary, inputs and gradients read in the layouts they come in
+            # per-example gradients output by output, (N, i, o) each (the faster
+            # orientation of the product when fan-in is small): no (K, N, o, i) temporary
             K, N, T, o = q.shape
-            dw = q.new_zeros(o, p.shape[-1])
+            pt = p.transpose(1, 2)  # (N, i, T)
+            dw = q.new_zeros(p.shape[-1], o)
             db = q.new_zeros(o)
-            cross = q.new_zeros(o, p.shape[-1])
+            cross = q.new_zeros(p.shape[-1], o)
             for k in range(K):
-                qk = q[k].transpose(1, 2)  # (N, o, T)
-                gw = torch.bmm(qk, p)
-                dw += (gw * gw).sum(dim=0)
+                gw = torch.bmm(pt, q[k])
                 if layer.has_bias:
-                    gb = qk.sum(dim=2)  # (N, o)
+                    gb = q[k].sum(dim=1)  # (N, o)
                     db += (gb * gb).sum(dim=0)
-                    cross += (gw * gb[:, :, None]).sum(dim=0)
+                    cross += (gw * gb[:, None, :]).sum(dim=0)
+                dw += gw.square_().sum(dim=0)
             if not layer.has_bias:
-                return dw.reshape(-1), None
-            return torch.cat([dw.reshape(-1), db]), cross.reshape(-1)
+                return dw.t().reshape(-1), None
+            return torch.cat([dw.t().reshape(-1), db]), cross.t().reshape(-1)
         d = self.diag(mod, a, g)
         if not layer.has_bias:
             return d, None
@@ -391,16 +391,14 @@ class AffineMath(LayerMath):
         K, N, T, o = q.shape
         if T == 1:
             return ((q[:, :, 0] @ evecs_g) ** 2).sum(0).t() @ (pk * pk)
-        # many positions: output gradients projected in the layout they come in
-        # ((K, N, o, T) for a convolution), then one (o, T) x (T, i') product per example
-        # and output, accumulated output by output (no copies, no (K, N, o, i') temporary)
-        qkt = evecs_g.t() @ q.transpose(2, 3)  # (K, N, o, T)
-        out = q.new_zeros(o, pk.shape[1])
-        pk = pk.transpose(1, 2)  # (N, T, i')
+        # many positions: per output, one (i', T) x (T, o) product per example (the
+        # faster orientation when fan-in is small), squared in place and summed: no
+        # (K, N, o, i') temporary
+        out = q.new_zeros(pk.shape[1], o)
         for k in range(K):
-            gw = torch.bmm(qkt[k], pk)  # (N, o, i')
-            out += (gw * gw).sum(dim=0)
-        return out
+            gw = torch.bmm(pk, q[k] @ evecs_g)  # (N, i', o)
+            out += gw.square_().sum(dim=0)
+        return out.t()
 
     # Gram: choose per layer between per-example gradients and the pairwise form --------
     def gram_features(self, mod, a, g, n_total=None):
