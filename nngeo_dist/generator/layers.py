@@ -224,6 +224,14 @@ class AffineMath(LayerMath):
         """(K, N, T, o) output gradients, one row per position."""
         raise NotImplementedError
 
+    def patches_with_ones(self, mod, a: Tensor) -> Tensor:
+        """(N, T, i') patches with a trailing 1 for a bias (i' = i + 1), else the patches:
+        the inputs of the layer's affine map, bias included."""
+        p = self.patches(mod, a)
+        if not self.has_bias(mod):
+            return p
+        return torch.cat([p, p.new_ones(p.shape[:-1] + (1,))], dim=-1)
+
     def has_bias(self, mod) -> bool:
         return getattr(mod, "bias", None) is not None
 
@@ -273,23 +281,20 @@ class AffineMath(LayerMath):
         if self.weight_layout != "oi":
             return super().quasidiag(mod, a, g, layer)
         if p.shape[1] != 1:
-            # per-example gradients output by output, (N, i, o) each (the faster
-            # orientation of the product when fan-in is small): no (K, N, o, i) temporary
-            K, N, T, o = q.shape
-            pt = p.transpose(1, 2)  # (N, i, T)
-            dw = q.new_zeros(p.shape[-1], o)
-            db = q.new_zeros(o)
-            cross = q.new_zeros(p.shape[-1], o)
-            for k in range(K):
+            # per-example gradients output by output, (N, i', o) each, the bias's as the
+            # last row (the faster orientation of the product when fan-in is small): no
+            # (K, N, o, i') temporary
+            i = p.shape[-1]
+            pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T)
+            d = q.new_zeros(pt.shape[1], q.shape[-1])
+            cross = q.new_zeros(i, q.shape[-1])
+            for k in range(q.shape[0]):
                 gw = torch.bmm(pt, q[k])
                 if layer.has_bias:
-                    gb = q[k].sum(dim=1)  # (N, o)
-                    db += (gb * gb).sum(dim=0)
-                    cross += (gw * gb[:, None, :]).sum(dim=0)
-                dw += gw.square_().sum(dim=0)
-            if not layer.has_bias:
-                return dw.t().reshape(-1), None
-            return torch.cat([dw.t().reshape(-1), db]), cross.t().reshape(-1)
+                    cross += (gw[:, :i] * gw[:, i:]).sum(dim=0)
+                d += gw.square_().sum(dim=0)
+            diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
+            return diag, (cross.t().reshape(-1) if layer.has_bias else None)
         d = self.diag(mod, a, g)
         if not layer.has_bias:
             return d, None
@@ -335,20 +340,10 @@ class AffineMath(LayerMath):
 
     def kfac_A(self, mod, a) -> Tensor:
         """(i', i') sum over examples and positions of p p^T, p with a trailing 1 for a bias
-        (the bias row and column are the patches' sum and count: no ones are appended)."""
-        p = self.patches(mod, a)
-        N, T, i = p.shape
-        p = p.reshape(-1, i)  # a view for every layer's patches (see patch_columns)
-        A = p.t() @ p
-        if not self.has_bias(mod):
-            return A
-        s = p.sum(dim=0)
-        out = A.new_empty(i + 1, i + 1)
-        out[:-1, :-1] = A
-        out[:-1, -1] = s
-        out[-1, :-1] = s
-        out[-1, -1] = N * T
-        return out
+        (the bias row and column are the patches' sum and count)."""
+        p = self.patches_with_ones(mod, a)
+        p = p.reshape(-1, p.shape[-1])  # a view for convolutions' patches (patch_columns)
+        return p.t() @ p
 
     def kfac_G(self, mod, g) -> Tensor:
         """(o, o) sum over outputs and examples of (1/T) sum_t g_t g_t^T."""
@@ -368,19 +363,12 @@ class AffineMath(LayerMath):
         caller chunking the outputs computes it once per batch): patches with a trailing 1
         projected on ``evecs_a`` (None: the identity), (N, i') for one position, else
         (N, i', T) (the layout a convolution's unfolded input comes in)."""
-        p = self.patches(mod, a)  # (N, T, i)
-        i = p.shape[-1]
-        bias = self.has_bias(mod)
+        p = self.patches_with_ones(mod, a)  # (N, T, i')
         if p.shape[1] == 1:
             p = p[:, 0]
-            if bias:
-                p = torch.cat([p, torch.ones_like(p[:, :1])], dim=1)
             return p if evecs_a is None else p @ evecs_a
-        pt = p.transpose(1, 2)  # (N, i, T)
-        if evecs_a is None:
-            return torch.cat([pt, torch.ones_like(pt[:, :1])], dim=1) if bias else pt
-        pkt = evecs_a[:i].t() @ pt
-        return pkt + evecs_a[i][:, None] if bias else pkt
+        pt = p.transpose(1, 2)  # (N, i', T)
+        return pt if evecs_a is None else evecs_a.t() @ pt
 
     def kfe_diag(self, mod, a, g, evecs_a: Optional[Tensor], evecs_g: Tensor, inputs: Optional[Tensor] = None) -> Tensor:
         """(o, i') sum over k, n of squared per-example gradients in the Kronecker
@@ -475,23 +463,33 @@ class ConvMath(AffineMath):
 
     @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:
-        """(i, N, T) input patches, i = C * prod(kernel) in the weight's (C, *kernel)
-        order: one strided copy of the (padded) input per kernel offset. Faster than
-        im2col, and in this layout the patches of a whole batch are one (i, N T) matrix."""
+        """(i', N, T) input patches, i = C * prod(kernel) in the weight's (C, *kernel)
+        order, then a row of ones for a bias: one strided copy of the (padded) input per
+        kernel offset. Faster than im2col, and in this layout the patches of a whole
+        batch are one (i', N T) matrix."""
         pads = _conv_padding(mod, self.dims)
         if any(pads):
             a = F.pad(a, pads)
         N, C = a.shape[:2]
         ks, st, dil = mod.kernel_size, mod.stride, mod.dilation
         size = [(a.shape[2 + d] - dil[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(self.dims)]
-        cols = a.new_empty((C, *ks, N, *size))
+        i, T = C * _prod(ks), _prod(size)
+        bias = self.has_bias(mod)
+        cols = a.new_empty((i + bias, N, T))
+        taps = cols[:i].view(C, *ks, N, *size)
         src = a.transpose(0, 1)  # (C, N, *spatial)
         for off in itertools.product(*(range(k) for k in ks)):
             window = tuple(slice(o * dl, o * dl + (n - 1) * s + 1, s) for o, dl, n, s in zip(off, dil, size, st))
-            cols[(slice(None), *off)].copy_(src[(slice(None), slice(None), *window)])
-        return cols.view(C * _prod(ks), N, _prod(size))
+            taps[(slice(None), *off)].copy_(src[(slice(None), slice(None), *window)])
+        if bias:
+            cols[i].fill_(1)
+        return cols
 
     def patches(self, mod, a):
+        cols = self.patch_columns(mod, a)
+        return cols[: cols.shape[0] - self.has_bias(mod)].permute(1, 2, 0)
+
+    def patches_with_ones(self, mod, a):
         return self.patch_columns(mod, a).permute(1, 2, 0)
 
     def positions(self, mod, g):
