@@ -74,6 +74,9 @@ def _child(rank: int, world_size: int, port: int, timeout: float, out_dir: str,
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
+        # every rank's mesh is connected before any may finish and close its sockets (a
+        # rank with no collective to run would otherwise break a peer still connecting)
+        dist.barrier()
         try:
             payload: tuple = ("ok", fn(rank, world_size, *args), "")
         finally:
