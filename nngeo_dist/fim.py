@@ -31,6 +31,7 @@ from .cli_common import (
     BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, one_line,
     print_summary, setup_logging, typed_collate,
 )
+from .dist.errors import raised_on_every_rank
 
 log = logging.getLogger("nngeo_dist.fim")
 
@@ -223,10 +224,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: exit status 0, or 1 with one ``error: ...`` line on stderr."""
-    ok = False
+    together = False  # whether every rank ends here at the same point
     try:
         main(argv)
-        ok = True
+        together = True
         return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -235,15 +236,16 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        together = raised_on_every_rank(e)
         return 1
     finally:
-        _leave_group(barrier=ok)
+        _leave_group(barrier=together)
 
 
 def _leave_group(barrier: bool) -> None:
-    """Leave the process group. After a success every rank first waits for the others, so
-    that no rank closes its connections while another still works (gloo may abort a
-    process whose peer vanished)."""
+    """Leave the process group. After a success, or an error every rank raised together,
+    every rank first waits for the others, so that no rank closes its connections (or
+    exits, and has torchrun stop the others) while another still works or reports."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -23,6 +23,17 @@ from .group import resolve_group, world_size
 T = TypeVar("T")
 
 
+def on_every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank of the group at the same point (after a
+    collective that told them all), so a caller may still synchronise before exiting."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def raised_on_every_rank(exc: BaseException) -> bool:
+    return getattr(exc, "raised_on_every_rank", False)
+
+
 class RankFailedError(RuntimeError):
     """Raised on the ranks that did not fail when one or more other ranks failed.
 
@@ -84,9 +95,9 @@ def collective_errors(group=None) -> Iterator[None]:
         others = sorted(r for r in failures if r != dist.get_rank(group))
         if others:
             error.add_note(f"ranks {others} of the process group failed as well")
-        raise error
+        raise on_every_rank(error)
     if failures:
-        raise RankFailedError(sorted(failures), failures)
+        raise on_every_rank(RankFailedError(sorted(failures), failures))
 
 
 def run_collectively(fn: Callable[..., T], group=None, *args, **kwargs) -> T:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .agree import all_gather_ints, all_gather_objects, digest, ranks_by_value
+from .errors import on_every_rank
 from .group import resolve_group, world_size
 
 Parameters = Union[torch.nn.Module, Mapping[str, Tensor], Iterable[Tensor]]
@@ -84,7 +85,7 @@ def check_same_across_ranks(
     if len(set(digests)) == 1:
         return
     values = all_gather_objects(str(value), group)
-    raise RuntimeError(_differ_message(what, values, hint))
+    raise on_every_rank(RuntimeError(_differ_message(what, values, hint)))
 
 
 def check_same_parameters(model_or_tensors: Parameters, group=None) -> str:

@@ -196,10 +196,6 @@ class LayerMath:
         """(K1, N1, K2, N2) sum over the layer's parameters of J_k(x_n) J_l(x_m)."""
         return torch.einsum("knp,lmp->knlm", f1, f2)
 
-    def jvp(self, mod, a, g, v: Tensor) -> Tensor:
-        """(K, N): J v restricted to this layer, ``v`` flat (numel,)."""
-        return self.per_example_grads(mod, a, g) @ v
-
     def project_tangent(self, mod, weight_tangent: Tensor) -> Tensor:
         """The weight direction as autograd's backward sees it (forward-mode may differ)."""
         return weight_tangent
@@ -302,16 +298,6 @@ class AffineMath(LayerMath):
         cross = (q * q).sum(0).t() @ p  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
 
-    def jvp(self, mod, a, g, v):
-        p, q = self.patches(mod, a), self.positions(mod, g)
-        o, i = q.shape[-1], p.shape[-1]
-        nw = o * i
-        w = self.flat_to_oi(v[:nw], o, i)
-        out = torch.einsum("nti,oi,knto->kn", p, w, q)
-        if self.has_bias(mod):
-            out = out + q.sum(dim=2) @ v[nw:]
-        return out
-
     # KFAC factors (sums; DESIGN.md §1) ----------------------------------------------------
     def kfac_dims(self, layer, name: str = "?") -> tuple[int, int]:
         ws = layer.weight_shape
@@ -389,31 +375,42 @@ class AffineMath(LayerMath):
         return out.t()
 
     # Gram: choose per layer between per-example gradients and the pairwise form --------
+    def gram_inputs(self, mod, a) -> tuple[Tensor, int]:
+        """What the pairwise Gram form keeps of a batch's inputs, and the cost of one
+        inner product of two of them: the patches (N, T, i), and i."""
+        p = self.patches(mod, a)
+        return p, p.shape[-1]
+
+    def input_products(self, x1, x2) -> Tensor:
+        """(N1, T1, N2, T2) inner products of two batches' patches at every pair of
+        positions (the bias's 1 not included), from :meth:`gram_inputs`."""
+        return torch.einsum("nti,msi->ntms", x1, x2)
+
     def gram_features(self, mod, a, g, n_total=None):
-        p, q = self.patches(mod, a), self.positions(mod, g)
+        x, width = self.gram_inputs(mod, a)
+        q = self.positions(mod, g)
         K, N, T, o = q.shape
-        i = p.shape[-1]
+        i = mod.weight.numel() // o
         n = n_total or N
-        pairwise = (K * n) ** 2 * T * T * (o + 1) + n * n * T * T * i
+        pairwise = (K * n) ** 2 * T * T * (o + 1) + n * n * T * T * width
         via_grads = 2 * K * n * T * o * i + (K * n) ** 2 * (o * i + o)
         if pairwise <= via_grads:
-            return ("pairwise", p, q, self.has_bias(mod))
+            return ("pairwise", x, q, self.has_bias(mod))
         return ("grads", self.per_example_grads(mod, a, g))
 
     def gram_pair(self, f1, f2):
         if f1[0] == "grads":
             return super().gram_pair(f1[1], f2[1])
-        _, p1, q1, bias = f1
-        _, p2, q2, _ = f2
+        _, x1, q1, bias = f1
+        _, x2, q2, _ = f2
         K1, N1, T1, o = q1.shape
         K2, N2, T2, _ = q2.shape
-        if T1 == 1 and T2 == 1:
-            aa = p1[:, 0] @ p2[:, 0].t()
-            gg = (q1[:, :, 0].reshape(K1 * N1, o) @ q2[:, :, 0].reshape(K2 * N2, o).t()).view(K1, N1, K2, N2)
-            return gg * (aa + 1.0 if bias else aa)[None, :, None, :]
-        aa = torch.einsum("nti,msi->ntms", p1, p2)
+        aa = self.input_products(x1, x2).to(q1.dtype)
         if bias:
             aa = aa + 1.0
+        if T1 == 1 and T2 == 1:
+            gg = (q1[:, :, 0].reshape(K1 * N1, o) @ q2[:, :, 0].reshape(K2 * N2, o).t()).view(K1, N1, K2, N2)
+            return gg * aa[:, 0, :, 0][None, :, None, :]
         gg = torch.einsum("knto,lmso->kntlms", q1, q2)
         return torch.einsum("kntlms,ntms->knlm", gg, aa)
 
@@ -570,22 +567,54 @@ class EmbeddingMath(AffineMath):
         return None  # the tokens are read from ``a`` directly
 
     def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None):
-        """(D, V) without forming one-hot patches: per example, the gradient of row v is
-        the sum of the output gradients at the positions holding token v."""
+        """(D, V) without forming one-hot patches (see :meth:`diag`)."""
         if evecs_a is not None:
             return super().kfe_diag(mod, a, g, evecs_a, evecs_g, inputs)
+        return self._squared_rows(mod, a, self.positions(mod, g) @ evecs_g).t()
+
+    # without one-hot patches: a batch touches few of the V rows -----------------------
+    def _row_grads(self, mod, a, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per example, the gradient of row v is the sum of the output gradients ``q``
+        (K, N, T, D) at the positions holding token v. Returns (n (U,), v (U,), rows
+        (K, U, D)) over the U distinct (example, token) pairs of the batch (padding left
+        out)."""
         V = mod.num_embeddings
         idx = self._tokens(mod, a)  # (N, T)
-        qk = self.positions(mod, g) @ evecs_g  # (K, N, T, D)
-        K, N, T, D = qk.shape
+        K, N, T, D = q.shape
         keep = (idx >= 0).flatten()
         key = (torch.arange(N, device=idx.device)[:, None] * V + idx).flatten()[keep]
         uniq, inv = torch.unique(key, return_inverse=True)
-        rows = torch.zeros(K, uniq.numel(), D, dtype=qk.dtype, device=qk.device)
-        rows.index_add_(1, inv, qk.reshape(K, N * T, D)[:, keep])
-        out = torch.zeros(V, D, dtype=qk.dtype, device=qk.device)
-        out.index_add_(0, uniq % V, (rows * rows).sum(0))
-        return out.t()
+        rows = q.new_zeros(K, uniq.numel(), D)
+        rows.index_add_(1, inv, q.reshape(K, N * T, D)[:, keep])
+        return uniq // V, uniq % V, rows
+
+    def _squared_rows(self, mod, a, q: Tensor) -> Tensor:
+        """(V, D) sum over k, n of squared per-example gradients of the rows."""
+        _, v, rows = self._row_grads(mod, a, q)
+        out = q.new_zeros(mod.num_embeddings, q.shape[-1])
+        return out.index_add_(0, v, (rows * rows).sum(0))
+
+    def per_example_grads(self, mod, a, g):
+        K, N = g.shape[:2]
+        out = g.new_empty(K, N, mod.weight.numel())
+        self.per_example_grads_into(mod, a, g, out)
+        return out
+
+    def per_example_grads_into(self, mod, a, g, out):
+        n, v, rows = self._row_grads(mod, a, self.positions(mod, g))
+        w = out.unflatten(-1, tuple(mod.weight.shape))  # (K, N, V, D)
+        w.zero_()
+        w[:, n, v] = rows  # the (n, v) pairs are distinct
+
+    def diag(self, mod, a, g):
+        return self._squared_rows(mod, a, self.positions(mod, g)).reshape(-1)
+
+    def gram_inputs(self, mod, a):
+        return self._tokens(mod, a), 1
+
+    def input_products(self, t1, t2):
+        """One-hot patches' products: whether the tokens match (padding matches nothing)."""
+        return (t1[:, :, None, None] == t2[None, None]) & (t1 >= 0)[:, :, None, None]
 
 
 # --------------------------------------------------------------------------------------
