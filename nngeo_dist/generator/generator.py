@@ -244,15 +244,18 @@ class Generator:
     def gram_block(self, f1, f2) -> Tensor:
         """(K, N1, K, N2) Gram block between two batches' features."""
         (_, parts1), (_, parts2) = f1, f2
-        rows = []
-        for p1 in parts1:
-            cols = []
-            for p2 in parts2:
-                cols.append(sum(
-                    layer.math.gram_pair(p1[n], p2[n]) for n, layer in self.layer_collection.layers.items()
-                ))
-            rows.append(torch.cat(cols, dim=2))
-        return torch.cat(rows, dim=0)
+        rows = [torch.cat([self._gram_pair(p1, p2) for p2 in parts2], dim=2) if len(parts2) > 1
+                else self._gram_pair(p1, parts2[0]) for p1 in parts1]
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+
+    def _gram_pair(self, f1: dict, f2: dict) -> Tensor:
+        """Sum over layers of the layers' Gram contributions (accumulated in place: each
+        is a fresh (K1, N1, K2, N2) tensor)."""
+        total = None
+        for n, layer in self.layer_collection.layers.items():
+            part = layer.math.gram_pair(f1[n], f2[n])
+            total = part if total is None else total.add_(part)
+        return total
 
     # functional (implicit) ------------------------------------------------------------
     def jvp_batches(self, loader, v_tensors: Sequence[Tensor]):

@@ -102,6 +102,20 @@ def _square_sum_rows(x: Tensor) -> Tensor:
     return (x * x).sum(dim=(0, 1))
 
 
+def row_products(x: Tensor) -> Tensor:
+    """(M, p) -> (M, M) = x x^T, symmetric: for large enough products only three of the
+    four half blocks are multiplied (the fourth is the transpose of one of them)."""
+    M, p = x.shape
+    if M < 256 or p < 64:
+        return x @ x.t()
+    h = M // 2
+    out = x.new_empty(M, M)
+    torch.mm(x[:h], x.t(), out=out[:h])
+    out[h:, h:] = x[h:] @ x[h:].t()
+    out[h:, :h] = out[:h, h:].t()
+    return out
+
+
 class LayerMath:
     """Kernels of one layer type. Subclasses give ``per_example_grads``; the rest derive."""
 
@@ -193,7 +207,11 @@ class LayerMath:
         return self.per_example_grads(mod, a, g)
 
     def gram_pair(self, f1, f2) -> Tensor:
-        """(K1, N1, K2, N2) sum over the layer's parameters of J_k(x_n) J_l(x_m)."""
+        """(K1, N1, K2, N2) sum over the layer's parameters of J_k(x_n) J_l(x_m)
+        (``f1 is f2``: a batch against itself, a symmetric product)."""
+        if f1 is f2:
+            K, N, p = f1.shape
+            return row_products(f1.reshape(K * N, p)).view(K, N, K, N)
         return torch.einsum("knp,lmp->knlm", f1, f2)
 
     def project_tangent(self, mod, weight_tangent: Tensor) -> Tensor:
@@ -329,7 +347,7 @@ class AffineMath(LayerMath):
         (the bias row and column are the patches' sum and count)."""
         p = self.patches_with_ones(mod, a)
         p = p.reshape(-1, p.shape[-1])  # a view for convolutions' patches (patch_columns)
-        return p.t() @ p
+        return row_products(p.t())
 
     def kfac_G(self, mod, g) -> Tensor:
         """(o, o) sum over outputs and examples of (1/T) sum_t g_t g_t^T."""
@@ -409,8 +427,9 @@ class AffineMath(LayerMath):
         if bias:
             aa = aa + 1.0
         if T1 == 1 and T2 == 1:
-            gg = (q1[:, :, 0].reshape(K1 * N1, o) @ q2[:, :, 0].reshape(K2 * N2, o).t()).view(K1, N1, K2, N2)
-            return gg * aa[:, 0, :, 0][None, :, None, :]
+            r1 = q1[:, :, 0].reshape(K1 * N1, o)
+            gg = row_products(r1) if f1 is f2 else r1 @ q2[:, :, 0].reshape(K2 * N2, o).t()
+            return gg.view(K1, N1, K2, N2).mul_(aa[:, 0, :, 0][None, :, None, :])
         gg = torch.einsum("knto,lmso->kntlms", q1, q2)
         return torch.einsum("kntlms,ntms->knlm", gg, aa)
 

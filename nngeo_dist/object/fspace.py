@@ -214,7 +214,7 @@ def gram_from_features(generator, feats: list) -> Tensor:
     first = generator.gram_block(feats[0], feats[0])
     n = _offsets(feats)[-1]
     c = first.shape[0]
-    K = first.new_zeros((c, n, c, n))
+    K = first.new_empty((c, n, c, n))  # every block is written (i <= j, then mirrored)
     _fill_symmetric(generator, K, feats, 0, first)
     return K
 
