@@ -46,12 +46,11 @@ def test_gram_of_batches_with_many_rows_matches_oracle(wide_mlp):
 
 def test_kfac_input_factor_with_wide_patches_matches_its_definition():
     torch.manual_seed(0)
-    # strided (stride-1 convolutions take the correlation route): i' = 32 * 9 + 1 = 289
-    conv = nn.Conv2d(32, 4, 3, stride=2, padding=1).double()
-    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double().eval()
+    conv = nn.Conv2d(32, 4, 3, padding=1).double()  # i' = 32 * 9 + 1 = 289 patch entries
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double().eval()
     x = torch.randn(6, 32, 5, 5, dtype=torch.float64)
     F = FIM(model, loader_of([(x,)]), PMatKFAC, progress=False)
-    patches = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 288)
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 288)
     patches = torch.cat([patches, torch.ones(patches.shape[0], 1, dtype=x.dtype)], dim=1)
     A = F.data["0"][0]
     assert rel(A, patches.t() @ patches / 6) < 1e-12

@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv_factor import stride1_input_factor
-
 LAYER_TYPES: dict[str, type] = {}
 
 
@@ -502,14 +500,6 @@ class ConvMath(AffineMath):
         if bias:
             cols[i].fill_(1)
         return cols
-
-    def kfac_A(self, mod, a):
-        if any(st != 1 for st in mod.stride):
-            return super().kfac_A(mod, a)
-        pads = _conv_padding(mod, self.dims)
-        out = [a.shape[2 + d] + pads[2 * (self.dims - 1 - d)] + pads[2 * (self.dims - 1 - d) + 1]
-               - mod.dilation[d] * (mod.kernel_size[d] - 1) for d in range(self.dims)]
-        return stride1_input_factor(a, mod.kernel_size, mod.dilation, pads, out, self.has_bias(mod))
 
     def patches(self, mod, a):
         cols = self.patch_columns(mod, a)
