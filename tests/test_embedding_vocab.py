@@ -56,3 +56,22 @@ def test_gram_uses_token_matches_and_matches_oracle(case):
     assert feats[0][1][0]["0"][0] == "pairwise"  # token matches, not V-wide gradients
     got = GramMatrix(model, loader_of(batches), progress=False).to_torch()
     assert rel(got, torch.einsum("aik,bjk->aibj", J, J)) < RTOL
+
+
+def test_no_kernel_builds_one_hot_patches(case, monkeypatch):
+    """Every statistic of an Embedding reads token ids: the one-hot patches are never
+    formed (they would be N x T x V)."""
+    from nngeo_dist.generator.layers import EmbeddingMath
+    from nngeo_dist.object import PMatEKFAC, PMatKFAC, PMatQuasiDiag
+
+    def refuse(self, mod, a):
+        raise AssertionError("one-hot patches built")
+
+    monkeypatch.setattr(EmbeddingMath, "_onehot", refuse)
+    model, batches, J, _ = case
+    loader = loader_of(batches)
+    for rep in (PMatDiag, PMatKFAC, PMatQuasiDiag):
+        FIM(model, loader, rep, progress=False)
+    FIM(model, loader, PMatEKFAC, progress=False).update_diag(loader)
+    GramMatrix(model, loader, progress=False)
+    Jacobian(model, loader, progress=False)

@@ -291,9 +291,9 @@ class AffineMath(LayerMath):
         return torch.cat([w, (q * q).sum(dim=(0, 1))])
 
     def quasidiag(self, mod, a, g, layer):
-        p, q = self.patches(mod, a), self.positions(mod, g)
         if self.weight_layout != "oi":
             return super().quasidiag(mod, a, g, layer)
+        p, q = self.patches(mod, a), self.positions(mod, g)
         if p.shape[1] != 1:
             # per-example gradients output by output, (N, i', o) each, the bias's as the
             # last row (the faster orientation of the product when fan-in is small): no
