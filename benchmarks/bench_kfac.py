@@ -11,7 +11,7 @@ variant classif_logits (c = 10). Timed, for ours and nngeometry (same calls, its
     ekfac      F = FIM(model, loader, PMatEKFAC); F.update_diag(loader)   (two passes)
     quasidiag  FIM(model, loader, PMatQuasiDiag)
 
-Timing: a warm-up on one batch, then the best of k full runs (``--k``, default 2), wall
+Timing: a warm-up on one batch, then the best of k full runs (``--k``, default 3), wall
 clock (``--clock cpu``: this process's CPU time, steadier on a shared machine; use it with
 ``--threads 1``).
 Agreement: ours and nngeometry's vTMv(v) for a random v must agree to ``--tol`` (1e-3 in
@@ -235,7 +235,7 @@ def parse_args(argv=None):
     ap.add_argument("--strict-targets", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    a.k = a.k or (1 if a.quick else 2)
+    a.k = a.k or (1 if a.quick else 3)
     a.threads = a.threads or (1 if a.quick else 2)
     a.n = a.n or (40 if a.quick else 1000)
     a.batch_size = a.batch_size or (10 if a.quick else 100)
