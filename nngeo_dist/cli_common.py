@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -169,6 +170,13 @@ def one_line(exc: BaseException) -> str:
     """An exception as one line: its message (newlines folded), or its type name."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def report_error(text: str) -> None:
+    """``error: <text>`` on stderr in one write, so that the lines of ranks reporting at
+    the same moment do not interleave."""
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
 
 
 _LOG_FACTORY_INSTALLED = False

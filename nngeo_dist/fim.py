@@ -29,7 +29,7 @@ import torch
 
 from .cli_common import (
     BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, one_line,
-    print_summary, setup_logging, typed_collate,
+    print_summary, report_error, setup_logging, typed_collate,
 )
 from .dist.errors import raised_on_every_rank
 
@@ -230,12 +230,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         together = True
         return 0
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        report_error("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        report_error(one_line(e))
         together = raised_on_every_rank(e)
         return 1
     finally:

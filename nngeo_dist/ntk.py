@@ -28,7 +28,9 @@ from .cli_common import (
     add_common_args,
     load_data,
     load_model,
+    one_line,
     print_summary,
+    report_error,
     setup_logging,
 )
 
@@ -154,5 +156,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, TypeError, FileExistsError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(one_line(e))
         sys.exit(2)
