@@ -157,15 +157,14 @@ class Generator:
 
     def dense_spec(self, names=None) -> StatSpec:
         """sums: ``dense`` (d_names, d_names) = sum_n J_n^T J_n over the layers ``names``."""
-        if names is None:
-            def grads(cap):
+        layers = _selected(self, names)
+        if len(layers) == len(self.layer_collection.layers):
+            def grads(cap):  # every layer: written in flat order into one buffer
                 return self.per_example_grads(cap)
         else:
-            layers = _selected(self, names)
-
             def grads(cap):
                 return torch.cat([l.math.per_example_grads(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers], dim=-1)
-        d = sum(l.numel() for _, l, _ in _selected(self, names))
+        d = sum(l.numel() for _, l, _ in layers)
 
         def per_batch(cap, ks):
             pg = grads(cap).flatten(0, 1)

@@ -542,7 +542,6 @@ class EmbeddingMath(AffineMath):
     def has_bias(self, mod):
         return False
 
-    @per_input
     def _onehot(self, mod, a):
         idx = a.reshape(a.shape[0], -1)
         p = F.one_hot(idx, mod.num_embeddings).to(mod.weight.dtype)
@@ -581,14 +580,11 @@ class EmbeddingMath(AffineMath):
         return torch.bincount(idx, minlength=mod.num_embeddings).to(mod.weight.dtype)
 
     def kfe_inputs(self, mod, a, evecs_a):
-        if evecs_a is not None:
-            return super().kfe_inputs(mod, a, evecs_a)
         return None  # the tokens are read from ``a`` directly
 
     def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None):
-        """(D, V) without forming one-hot patches (see :meth:`diag`)."""
-        if evecs_a is not None:
-            return super().kfe_diag(mod, a, g, evecs_a, evecs_g, inputs)
+        """(D, V). The input factor is diagonal, so its eigenbasis is the identity
+        (``evecs_a`` is None): the squared rows of :meth:`diag`, in G's eigenbasis."""
         return self._squared_rows(mod, a, self.positions(mod, g) @ evecs_g).t()
 
     # without one-hot patches: a batch touches few of the V rows -----------------------

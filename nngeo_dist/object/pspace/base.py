@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...generator.kfac import StatSpec, run_spec
 from ...generator.statistics import Statistics
 from ...layercollection import LayerCollection
 from ..vector import PVector
@@ -20,17 +21,26 @@ from ..vector import PVector
 class PMatAbstract:
     """A d x d matrix of parameter space, d = layer_collection.numel()."""
 
-    #: name of the Generator method that returns this representation's sums
-    statistics_method: Optional[str] = None
-
     def __init__(self, layer_collection: LayerCollection, generator=None):
         self.layer_collection = layer_collection
         self.generator = generator
 
     # building ---------------------------------------------------------------------------
     @classmethod
+    def statistics_spec(cls, generator, layer_collection: LayerCollection) -> StatSpec:
+        """The additive sums this representation is built from, over the layers of
+        ``layer_collection`` (the generator's, or a part of it)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from additive statistics")
+
+    @classmethod
+    def has_statistics(cls) -> bool:
+        return cls.statistics_spec.__func__ is not PMatAbstract.statistics_spec.__func__
+
+    @classmethod
     def statistics(cls, generator, loader) -> Statistics:
-        return getattr(generator, cls.statistics_method)(loader)
+        """This representation's sums over ``loader``, in one pass."""
+        spec = cls.statistics_spec(generator, generator.layer_collection)
+        return run_spec(generator, loader, spec, cls.__name__)
 
     @classmethod
     def from_statistics(cls, layer_collection: LayerCollection, stats: Statistics, generator=None, **kw):

@@ -11,7 +11,9 @@ from .base import PMatAbstract, regularised_inverse, regularised_solve
 class PMatBlockDiag(PMatAbstract):
     """Stores, per layer l, M_ll (d_l, d_l). Memory sum_l d_l^2; exact within layers."""
 
-    statistics_method = "block_statistics"
+    @classmethod
+    def statistics_spec(cls, generator, layer_collection):
+        return generator.block_spec(list(layer_collection.layers))
 
     def __init__(self, layer_collection, data: dict, generator=None):
         super().__init__(layer_collection, generator)

@@ -10,7 +10,9 @@ from .base import PMatAbstract, regularised_inverse, regularised_solve
 class PMatDense(PMatAbstract):
     """Stores M (d, d). Memory d^2; every operation exact."""
 
-    statistics_method = "dense_statistics"
+    @classmethod
+    def statistics_spec(cls, generator, layer_collection):
+        return generator.dense_spec(list(layer_collection.layers))
 
     def __init__(self, layer_collection, data: Tensor, generator=None):
         super().__init__(layer_collection, generator)

@@ -9,7 +9,9 @@ from .base import PMatAbstract
 class PMatDiag(PMatAbstract):
     """Stores diag(M) (d,). Memory d; exact for a diagonal matrix."""
 
-    statistics_method = "diag_statistics"
+    @classmethod
+    def statistics_spec(cls, generator, layer_collection):
+        return generator.diag_spec(list(layer_collection.layers))
 
     def __init__(self, layer_collection, data, generator=None):
         super().__init__(layer_collection, generator)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-from ...generator.kfac import kfac_spec, kfac_statistics, kfe_diag_spec, kfe_diag_statistics
+from ...generator.kfac import kfac_spec, kfe_diag_spec, kfe_diag_statistics
 from .base import PMatAbstract
 from .kfac import PMatKFAC, flat_perm, from_kfe, from_mat, singular, to_kfe, to_mat
 
@@ -42,10 +42,6 @@ class PMatEKFAC(PMatAbstract):
         )
 
     # building ----------------------------------------------------------------------------
-    @classmethod
-    def statistics(cls, generator, loader):
-        return kfac_statistics(generator, loader)
-
     @classmethod
     def statistics_spec(cls, generator, layer_collection):
         return kfac_spec(generator, layer_collection.layers)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...generator.kfac import kfac_spec, kfac_statistics
+from ...generator.kfac import kfac_spec
 from .base import PMatAbstract
 
 
@@ -126,10 +126,6 @@ class PMatKFAC(PMatAbstract):
         self.evals = self.evecs = None
 
     # building ----------------------------------------------------------------------------
-    @classmethod
-    def statistics(cls, generator, loader):
-        return kfac_statistics(generator, loader)
-
     @classmethod
     def statistics_spec(cls, generator, layer_collection):
         return kfac_spec(generator, layer_collection.layers)

@@ -29,25 +29,9 @@ from ..vector import PVector
 from .base import PMatAbstract
 
 
-# ----------------------------------------------------------------------------- core specs
-# The statistics of the core representations, restricted to a sub-collection. They mirror
-# Generator.diag_statistics / block_statistics / dense_statistics (same names, same layer
-# kernels); tests check that a mixed matrix of one part equals the plain representation.
-
-
-_CORE_SPECS = {  # statistics_method -> the generator's spec over some layers
-    "diag_statistics": "diag_spec",
-    "block_statistics": "block_spec",
-    "dense_statistics": "dense_spec",
-}
-
-
 def _spec_for(cls, generator, layer_collection) -> Optional[StatSpec]:
     """The statistics spec of ``cls`` on a sub-collection, or None (built on its own)."""
-    if hasattr(cls, "statistics_spec"):
-        return cls.statistics_spec(generator, layer_collection)
-    builder = _CORE_SPECS.get(getattr(cls, "statistics_method", None))
-    return None if builder is None else getattr(generator, builder)(list(layer_collection.layers))
+    return cls.statistics_spec(generator, layer_collection) if cls.has_statistics() else None
 
 
 def _accepted(fn, kw: dict) -> dict:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-from ...generator.kfac import quasidiag_spec, quasidiag_statistics
+from ...generator.kfac import quasidiag_spec
 from .base import PMatAbstract
 
 
@@ -28,10 +28,6 @@ class PMatQuasiDiag(PMatAbstract):
         super().__init__(layer_collection, generator)
         self.data = OrderedDict((n, data[n]) for n in layer_collection.layers)
         self._owners = {}
-
-    @classmethod
-    def statistics(cls, generator, loader):
-        return quasidiag_statistics(generator, loader)
 
     @classmethod
     def statistics_spec(cls, generator, layer_collection):
