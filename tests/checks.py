@@ -1,4 +1,7 @@
 """Comparison helpers shared by the tests."""
+import contextlib
+
+import numpy as np
 import torch
 
 
@@ -6,6 +9,34 @@ def rel(a, b) -> float:
     """Relative error ||a - b|| / ||b|| (Frobenius), 0/0 read as 0."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def rel_max(a, b) -> float:
+    """Relative error max|a - b| / max|b| in float64 (arrays of any kind: zarr, dask,
+    numpy, torch), 0/0 read as 0."""
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to ``dtype`` within (nngeometry allocates in it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def block_mask(lc) -> torch.Tensor:
+    """(d, d) True inside each layer's diagonal block (from the collection's offsets)."""
+    d = lc.numel()
+    m = torch.zeros(d, d, dtype=torch.bool)
+    for n, l in lc.layers.items():
+        s = lc.p_pos[n]
+        m[s:s + l.numel(), s:s + l.numel()] = True
+    return m
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 240):

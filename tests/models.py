@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["MODELS", "NNGEOMETRY_SUPPORTED", "loader_of", "nngeometry_supported", "make"]
+__all__ = ["MODELS", "NNGEOMETRY_SUPPORTED", "loader_of", "nngeometry_supported", "make", "variant_of"]
 
 DTYPE = torch.float64
 
@@ -107,6 +107,11 @@ def _tokens(vocab: int, length: int):
 def make(name: str, **kw):
     """``MODELS[name](**kw)``."""
     return MODELS[name](**kw)
+
+
+def variant_of(c: int) -> str:
+    """The FIM variant of a zoo model with ``c`` outputs (logits)."""
+    return "classif_binary_logits" if c == 1 else "classif_logits"
 
 
 def loader_of(batches: List[tuple], batch_size: Optional[int] = None) -> DataLoader:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import oracle
-from checks import rel
-from models import loader_of, make
+from checks import block_mask, rel
+from models import loader_of, make, variant_of
 from nngeo_dist import FIM, GramMatrix, Jacobian
 from nngeo_dist.generator import capture
 from nngeo_dist.generator.layers import input_memo, layer_math_for
@@ -34,10 +34,6 @@ def routed(name: str, vectorised: bool):
     return model, batches, c
 
 
-def variant_of(c: int) -> str:
-    return "classif_binary_logits" if c == 1 else "classif_logits"
-
-
 @pytest.mark.parametrize("max_outputs", [None, 2])
 @pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])
 @pytest.mark.parametrize("name", ROUTED)
@@ -51,12 +47,7 @@ def test_statistics_match_oracle_on_both_routes(name, vectorised, max_outputs):
     blocks = FIM(model, loader, PMatBlockDiag, **kw)
     assert rel(dense, want) < RTOL
     assert rel(diag, torch.diag(torch.diag(want))) < RTOL
-    mask = torch.zeros_like(want, dtype=torch.bool)
-    lc = blocks.layer_collection
-    for lname, layer in lc.layers.items():
-        s = lc.p_pos[lname]
-        mask[s:s + layer.numel(), s:s + layer.numel()] = True
-    assert rel(blocks.to_torch(), want * mask) < RTOL
+    assert rel(blocks.to_torch(), want * block_mask(blocks.layer_collection)) < RTOL
 
 
 @pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])

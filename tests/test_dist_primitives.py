@@ -5,7 +5,6 @@ plain values; the assertions are made in the parent.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

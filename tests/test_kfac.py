@@ -7,20 +7,18 @@ products and operations, which do not depend on the split.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 import oracle
-from models import MODELS, NNGEOMETRY_SUPPORTED, loader_of
+from models import MODELS, NNGEOMETRY_SUPPORTED, loader_of, variant_of
 from nngeo_dist import FIM, LayerCollection
 from nngeo_dist.generator import Generator
 from nngeo_dist.generator.kfac import kfac_statistics
 from nngeo_dist.generator.variants import fim_root
 from nngeo_dist.object import PMatBlockDiag, PMatDense, PMatEKFAC, PMatKFAC, PVector
-from checks import rel
+from checks import block_mask, default_dtype, rel
 
 RTOL = 1e-10
 
@@ -33,32 +31,6 @@ NOT_FACTORABLE = ["batchnorm1d", "batchnorm2d", "groupnorm2d", "layernorm", "rms
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread. OpenMP regions on tiny tensors cost more than they
-    save, and on a loaded 2-core machine each can wait tens of milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-
-def variant_of(c: int) -> str:
-    return "classif_binary_logits" if c == 1 else "classif_logits"
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def nngeometry_fim(model, loader, representation_name, variant):
@@ -89,16 +61,6 @@ def random_vector(lc, seed=0, dtype=torch.float64) -> PVector:
     return PVector(lc, vector_repr=torch.randn(lc.numel(), generator=g, dtype=dtype))
 
 
-def block_mask(lc) -> torch.Tensor:
-    """(d, d) True inside each layer's diagonal block (from the collection's offsets)."""
-    d = lc.numel()
-    m = torch.zeros(d, d, dtype=torch.bool)
-    for n, l in lc.layers.items():
-        s = lc.p_pos[n]
-        m[s:s + l.numel(), s:s + l.numel()] = True
-    return m
-
-
 def check_against_dense(F, M, regul=1e-3, seed=0, use_pi=None):
     """Every operation of F against the dense matrix M that F claims to be."""
     lc = F.layer_collection
@@ -110,6 +72,22 @@ def check_against_dense(F, M, regul=1e-3, seed=0, use_pi=None):
     assert rel(F.frobenius_norm(), torch.linalg.matrix_norm(M)) < RTOL
     assert rel(F.get_diag(), torch.diagonal(M)) < RTOL
     assert F.size() == M.shape
+
+
+def check_against_nngeometry(F, Fn, reguls=(1e-3, 1e-1), inverse=True):
+    """The operations both packages have: ours on F against nngeometry's on Fn, for the
+    same random vector (solve and inverse, with damping, at 1e-9)."""
+    assert rel(F.to_torch(), Fn.to_torch()) < RTOL
+    assert rel(F.trace(), Fn.trace()) < RTOL
+    assert rel(F.frobenius_norm(), Fn.frobenius_norm()) < RTOL
+    v = random_vector(F.layer_collection, 1)
+    vn = ngeo_vector(Fn, v.to_torch())
+    assert rel(F.mv(v).to_torch(), Fn.mv(vn).to_torch()) < RTOL
+    assert rel(F.vTMv(v), Fn.vTMv(vn)) < RTOL
+    for regul in reguls:
+        assert rel(F.solve(v, regul=regul).to_torch(), Fn.solvePVec(vn, regul=regul).to_torch()) < 1e-9
+        if inverse:
+            assert rel(F.inverse(regul=regul).to_torch(), Fn.inverse(regul=regul).to_torch()) < 1e-9
 
 
 def layers(model):
@@ -127,18 +105,8 @@ def test_matches_nngeometry(name, f64):
     loader = loader_of(batches)
     F = FIM(model, loader, PMatKFAC, variant=variant)
     Fn = nngeometry_fim(model, loader, "PMatKFAC", variant)
-    M = Fn.to_torch()
-    assert rel(F.to_torch(), M) < RTOL
+    check_against_nngeometry(F, Fn)
     assert rel(F.get_diag(), Fn.get_diag()) < RTOL
-    assert rel(F.trace(), Fn.trace()) < RTOL
-    assert rel(F.frobenius_norm(), Fn.frobenius_norm()) < RTOL
-    v = random_vector(F.layer_collection, 1)
-    vn = ngeo_vector(Fn, v.to_torch())
-    assert rel(F.mv(v).to_torch(), Fn.mv(vn).to_torch()) < RTOL
-    assert rel(F.vTMv(v), Fn.vTMv(vn)) < RTOL
-    for regul in (1e-3, 1e-1):
-        assert rel(F.solve(v, regul=regul).to_torch(), Fn.solvePVec(vn, regul=regul).to_torch()) < 1e-9
-        assert rel(F.inverse(regul=regul).to_torch(), Fn.inverse(regul=regul).to_torch()) < 1e-9
     assert rel(F.pow(2, regul=1e-4).to_torch(), Fn.pow(2, regul=1e-4).to_torch()) < RTOL
     assert rel(F.pow(-2, regul=1e-2).to_torch(), Fn.pow(-2, regul=1e-2).to_torch()) < 1e-9
     # the same eigenvalues (KFAC's factors are decomposed by both)

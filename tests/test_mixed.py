@@ -16,7 +16,8 @@ from nngeo_dist.object import (
     PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatImplicit, PMatKFAC, PMatLowRank, PMatMixed,
     PMatQuasiDiag, PVector,
 )
-from test_kfac import RTOL, check_against_dense, one_thread, random_vector, rel  # noqa: F401
+from checks import rel
+from test_kfac import RTOL, check_against_dense, random_vector
 
 MAPPING = {"Conv2d": PMatKFAC, "Linear": PMatEKFAC, "4": PMatQuasiDiag, "default": PMatBlockDiag}
 

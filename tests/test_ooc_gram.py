@@ -4,7 +4,6 @@ output selection, and the store-backed FMat operations."""
 from __future__ import annotations
 
 import errno
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 import zarr
 
 import ooc_helpers as H
+from checks import rel_max as rel
 from nngeo_dist import GramMatrix
 from nngeo_dist.object import FMatDense, FVector
 from nngeo_dist.object.stored import FMatStored, open_stored
@@ -24,11 +24,6 @@ except ImportError:  # tests/ imported as a package
     from tests.dist_harness import RankError, run_ranks
 
 TOL = 1e-10
-
-
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def build(path, tile=5, model=None, n=H.N, **kw) -> FMatStored:

@@ -3,11 +3,11 @@
 the in-memory PushForwardDense / PMatLowRank in float64."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import ooc_helpers as H
+from checks import rel_max as rel
 from nngeo_dist import FIM, Jacobian
 from nngeo_dist.object import FVector, PMatLowRank, PVector
 from nngeo_dist.object.stored import PMatLowRankStored, PushForwardStored, open_stored
@@ -20,11 +20,6 @@ except ImportError:  # tests/ imported as a package
     from tests.dist_harness import run_ranks
 
 TOL = 1e-10
-
-
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 @pytest.fixture(scope="module")

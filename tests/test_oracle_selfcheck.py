@@ -11,20 +11,15 @@
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import oracle
+from checks import default_dtype, rel
 from models import MODELS, NNGEOMETRY_SUPPORTED, loader_of, nngeometry_supported
 
 RTOL = 1e-10
 ALL = list(MODELS)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def examples(batches):
@@ -224,17 +219,6 @@ def test_flat_params_roundtrip_and_order():
 
 # ------------------------------------------------------------------------------------------
 # nngeometry 0.4 as a second oracle
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    # nngeometry's classif_logits allocates helper tensors in the default dtype
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def nngeometry_fim_dense(model, batches, variant):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import oracle
-from models import MODELS, loader_of, make
+from models import MODELS, loader_of, make, variant_of
 
 from nngeo_dist import FIM
 from nngeo_dist.object import (
@@ -40,10 +40,6 @@ REP_IDS = [r.__name__ for r in REPS]
 DENSE_LIKE = (PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank)  # materialisable
 
 
-
-
-def variant_of(c: int) -> str:
-    return "classif_binary_logits" if c == 1 else "classif_logits"
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import oracle
-from models import MODELS, loader_of, make
+from checks import rel
+from models import MODELS, loader_of, make, variant_of
 
 from nngeo_dist import FIM
 from nngeo_dist.generator import Generator
@@ -34,10 +35,6 @@ REPS = list(STAT_METHOD)
 REP_IDS = [r.__name__ for r in REPS]
 
 
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def matrix(M) -> torch.Tensor:
     return M.to_torch()
 
@@ -47,10 +44,6 @@ def split(batches, k):
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     return (x[:k], y[:k]), (x[k:], y[k:])
-
-
-def variant_of(c):
-    return "classif_binary_logits" if c == 1 else "classif_logits"
 
 
 _CASES: dict = {}
