@@ -54,6 +54,7 @@ import time
 import torch
 from torch import nn
 # the core benchmark's models (benchmarks/ is on sys.path when a script there runs)
+from bench_core import layer_shapes as core_layer_shapes
 from bench_core import make_cnn, make_loader, make_mlp
 
 QUANTITIES = ("kfac", "ekfac", "quasidiag")
@@ -79,35 +80,21 @@ def model_specs(quick):
 
 
 def layer_shapes(model, input_shape):
-    """[(module, i', o, T)] per Linear/Conv2d, in execution order."""
-    rec = []
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Linear):
-            rec.append((mod, mod.in_features + (mod.bias is not None), mod.out_features, 1))
-        else:
-            kk = mod.kernel_size[0] * mod.kernel_size[1]
-            rec.append((mod, mod.in_channels * kk + (mod.bias is not None), mod.out_channels, out.shape[-1] * out.shape[-2]))
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        model(torch.zeros((1,) + tuple(input_shape)))
-    for h in hs:
-        h.remove()
-    return rec
+    """[(kind, i', o, T)] per Linear/Conv2d in execution order (i' counts a bias's 1)."""
+    return [(kind, K + bias, cout, T) for kind, K, cout, T, bias in core_layer_shapes(model, input_shape)]
 
 
 def flops(quantity, layers, n, c):
     cr = c - 1
     total = 0
-    for mod, i, o, T in layers:
+    for kind, i, o, T in layers:
         kfac = 2 * T * i * i + 2 * cr * T * o * o
         if quantity == "kfac":
             total += kfac
         elif quantity == "ekfac":
             total += 2 * kfac + 2 * cr * T * o * i
         else:
-            total += 2 * cr * o * i * (T if isinstance(mod, nn.Conv2d) else 1)
+            total += 2 * cr * o * i * (T if kind == "conv" else 1)
     return n * total
 
 

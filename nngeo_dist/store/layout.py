@@ -394,12 +394,17 @@ def _jsonable(v: Any) -> Any:
 
 def read_spec(store: Any, storage_options: dict[str, Any] | None = None) -> StoreSpec:
     """The :class:`StoreSpec` recorded in an existing store (path, URL or group)."""
-    group = open_store(store, "r", storage_options)
+    return _spec_of(open_store(store, "r", storage_options), _store_name(store))
+
+
+def _spec_of(group, where: str, advice: str = "") -> StoreSpec:
+    """The spec a zarr group records, or :class:`NotAStoreError` if nngeo_dist did not
+    write it."""
     attrs = dict(group.attrs)
     if "nngeo_dist_format" not in attrs:
         raise NotAStoreError(
-            f"{_store_name(store)} is a zarr group but not an nngeo_dist store (no "
-            "'nngeo_dist_format' attribute)"
+            f"{where} holds a zarr group that was not written by nngeo_dist (no "
+            f"'nngeo_dist_format' attribute){advice}"
         )
     return StoreSpec.from_attrs(attrs)
 
@@ -488,13 +493,7 @@ def create_or_validate(
                 "another path."
             )
         group = open_store(path, "r+", storage_options)
-        attrs = dict(group.attrs)
-        if "nngeo_dist_format" not in attrs:
-            raise NotAStoreError(
-                f"{where} holds a zarr group that was not written by nngeo_dist. Pass a new "
-                "path, or overwrite=True (--overwrite) to delete it."
-            )
-        stored = StoreSpec.from_attrs(attrs)
+        stored = _spec_of(group, where, ": pass a new path, or overwrite=True (--overwrite) to delete it")
         diffs = spec.differences(stored)
         if diffs:
             raise StoreMismatchError(
