@@ -15,11 +15,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+import traceback
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+
+from .dist.errors import raised_on_every_rank
 
 log = logging.getLogger("nngeo_dist.cli")
 
@@ -170,6 +173,43 @@ def one_line(exc: BaseException) -> str:
     """An exception as one line: its message (newlines folded), or its type name."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def run_main(main: Callable, argv: Optional[Sequence[str]] = None, error_status: int = 1) -> int:
+    """Run a command's ``main(argv)``: exit status 0, or ``error_status`` with one
+    ``error: ...`` line on stderr (the traceback too at DEBUG level); 130 if interrupted.
+    Then leave the process group, if any (see :func:`leave_group`)."""
+    together = False  # whether every rank ends here at the same point
+    try:
+        main(argv)
+        together = True
+        return 0
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        report_error(one_line(e))
+        together = raised_on_every_rank(e)
+        return error_status
+    finally:
+        leave_group(barrier=together)
+
+
+def leave_group(barrier: bool) -> None:
+    """Leave the process group. After a success, or an error every rank raised together,
+    every rank first waits for the others, so that no rank closes its connections (or
+    exits, and has torchrun stop the others) while another still works or reports."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 def report_error(text: str) -> None:

@@ -22,16 +22,14 @@ import json
 import logging
 import os
 import sys
-import traceback
 from typing import Optional, Sequence
 
 import torch
 
 from .cli_common import (
-    BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, one_line,
-    print_summary, report_error, setup_logging, typed_collate,
+    BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, print_summary,
+    run_main, setup_logging, typed_collate,
 )
-from .dist.errors import raised_on_every_rank
 
 log = logging.getLogger("nngeo_dist.fim")
 
@@ -224,37 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: exit status 0, or 1 with one ``error: ...`` line on stderr."""
-    together = False  # whether every rank ends here at the same point
-    try:
-        main(argv)
-        together = True
-        return 0
-    except KeyboardInterrupt:
-        report_error("interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            traceback.print_exc()
-        report_error(one_line(e))
-        together = raised_on_every_rank(e)
-        return 1
-    finally:
-        _leave_group(barrier=together)
-
-
-def _leave_group(barrier: bool) -> None:
-    """Leave the process group. After a success, or an error every rank raised together,
-    every rank first waits for the others, so that no rank closes its connections (or
-    exits, and has torchrun stop the others) while another still works or reports."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if barrier:
-                dist.barrier()
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ from .cli_common import (
     add_common_args,
     load_data,
     load_model,
-    one_line,
     print_summary,
-    report_error,
+    run_main,
     setup_logging,
 )
 
@@ -153,8 +152,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, TypeError, FileExistsError, RuntimeError, OSError) as e:
-        report_error(one_line(e))
-        sys.exit(2)
+    sys.exit(run_main(main, error_status=2))

@@ -300,6 +300,7 @@ def prepare_store(path: Any, spec: StoreSpec, group=None, resume: bool = True, o
     int, "altered": [tiles found altered], "existed": bool}``. Raises on every rank the
     error rank 0 met (``StoreMismatchError`` for a store of another job, ...).
     """
+    from ..dist.errors import on_every_rank
     from ..dist.group import rank, resolve_group, world_size
     from ..dist.reduce import broadcast_object
 
@@ -337,10 +338,10 @@ def prepare_store(path: Any, spec: StoreSpec, group=None, resume: bool = True, o
         got = broadcast_object(sendable, 0, group)
         if rank(group) != 0:
             verdict = got
-    if verdict[0] == "error":
+    if verdict[0] == "error":  # on every rank, from the one verdict
         if len(verdict) == 4:
-            raise verdict[3]
-        raise _rebuild_error(verdict[1], verdict[2] + " (reported by rank 0, which validates the store)")
+            raise on_every_rank(verdict[3])
+        raise on_every_rank(_rebuild_error(verdict[1], verdict[2] + " (reported by rank 0, which validates the store)"))
     return verdict[1]
 
 
