@@ -10,6 +10,7 @@ eigendecompositions) must also be bit-identical on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 
@@ -20,6 +21,7 @@ import torch.fx.experimental.symbolic_shapes  # noqa: F401 - see below
 from torch.utils.data import DataLoader, TensorDataset
 
 from nngeo_dist import FIM, FIM_MonteCarlo, GramMatrix, Jacobian, metrics
+from nngeo_dist.generator import gram as gram_assembly
 from nngeo_dist.dist.sharding import shard_range
 from nngeo_dist.object import (
     PMatBlockDiag,
@@ -212,16 +214,27 @@ def _compute(name, n, kinds, rank=0, world=1, reference=False) -> dict:
         F2 = FIM_MonteCarlo(model, loader, PMatDense, trials=3, seed=5)
         out["mc"] = {"F": F1.to_torch(), "reproducible": bool(torch.equal(F1.to_torch(), F2.to_torch()))}
     if "gram" in kinds:
-        if world == 1:
-            out["gram"] = _gram_ops(GramMatrix(model, loader), u)
-        else:
-            for exchange in ("features", "inputs", "auto"):
-                out[f"gram/{exchange}"] = _gram_ops(GramMatrix(model, loader, exchange=exchange), u)
+        with _small_gram_tiles():  # each rank's own block is tiled and mirrored in place
+            if world == 1:
+                out["gram"] = _gram_ops(GramMatrix(model, loader), u)
+            else:
+                for exchange in ("features", "inputs", "auto"):
+                    out[f"gram/{exchange}"] = _gram_ops(GramMatrix(model, loader, exchange=exchange), u)
     if "jacobian" in kinds:
         J = Jacobian(model, loader)
         Ji = Jacobian(model, loader, representation=PushForwardImplicit)
         out["jacobian"] = _jacobian_ops(J, Ji, v, u, loader)
     return out
+
+
+@contextlib.contextmanager
+def _small_gram_tiles(rows: int = 2):
+    saved = gram_assembly.ROW_TILE
+    gram_assembly.ROW_TILE = rows
+    try:
+        yield
+    finally:
+        gram_assembly.ROW_TILE = saved
 
 
 # ------------------------------------------------------------------------------ comparisons

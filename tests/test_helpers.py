@@ -19,6 +19,7 @@ import oracle
 from models import MODELS, loader_of, make
 
 from nngeo_dist import FIM, FIM_MonteCarlo, GramMatrix, Jacobian
+from nngeo_dist.generator import gram as gram_assembly
 from nngeo_dist.object import (
     FMatDense,
     FVector,
@@ -323,6 +324,17 @@ def test_gram_matrix(name):
     assert T.shape == (cs.c, cs.n, cs.c, cs.n)
     assert rel(T, cs.K) <= RTOL
     assert tuple(K.size()) == (cs.c, cs.n, cs.c, cs.n)
+
+
+@models
+@pm("row_tile", [1, 5])
+def test_gram_matrix_in_small_tiles(name, row_tile, monkeypatch):
+    """The symmetric assembly with tiles far smaller than the zoo's Grams (every example
+    and output tiling, the mirrored blocks, output chunks joined) against the oracle."""
+    monkeypatch.setattr(gram_assembly, "ROW_TILE", row_tile)
+    cs = case(name)
+    T = GramMatrix(cs.model, cs.loader, max_outputs=2).to_torch()
+    assert rel(T, cs.K) <= RTOL
 
 
 @models

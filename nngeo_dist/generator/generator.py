@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import gram
 from .capture import Capturer, _check_finite
 from .functional import FunctionalModel
 from .kfac import StatSpec, _selected, run_spec
@@ -240,21 +241,19 @@ class Generator:
                 feats[-1][1].append(f)
         return feats
 
-    def gram_block(self, f1, f2) -> Tensor:
-        """(K, N1, K, N2) Gram block between two batches' features."""
-        (_, parts1), (_, parts2) = f1, f2
-        rows = [torch.cat([self._gram_pair(p1, p2) for p2 in parts2], dim=2) if len(parts2) > 1
-                else self._gram_pair(p1, parts2[0]) for p1 in parts1]
-        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    def gram_block(self, rows: list, cols: list, out: Optional[Tensor] = None) -> Tensor:
+        """(K, n1, K, n2) Gram block between the examples of two lists of per-batch
+        features (:meth:`gram_features`), into ``out`` when given."""
+        return gram.block(self._gram_maths(), rows, cols, out)
 
-    def _gram_pair(self, f1: dict, f2: dict) -> Tensor:
-        """Sum over layers of the layers' Gram contributions (accumulated in place: each
-        is a fresh (K1, N1, K2, N2) tensor)."""
-        total = None
-        for n, layer in self.layer_collection.layers.items():
-            part = layer.math.gram_pair(f1[n], f2[n])
-            total = part if total is None else total.add_(part)
-        return total
+    def gram_symmetric(self, feats: list, out: Optional[Tensor] = None) -> Tensor:
+        """(K, n, K, n) Gram of the examples of per-batch features with themselves (about
+        half the products of a plain block; see :func:`gram.symmetric`), into ``out``
+        when given."""
+        return gram.symmetric(self._gram_maths(), feats, out)
+
+    def _gram_maths(self) -> dict:
+        return {n: layer.math for n, layer in self.layer_collection.layers.items()}
 
     # functional (implicit) ------------------------------------------------------------
     def jvp_batches(self, loader, v_tensors: Sequence[Tensor]):

@@ -116,6 +116,13 @@ def row_products(x: Tensor) -> Tensor:
     return out
 
 
+def _write(out: Tensor, part: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out.add_(part)
+    else:
+        out.copy_(part)
+
+
 class LayerMath:
     """Kernels of one layer type. Subclasses give ``per_example_grads``; the rest derive."""
 
@@ -202,17 +209,29 @@ class LayerMath:
         raise self._no_kfac(f"a {type(mod).__name__} layer")
 
     # Gram (NTK) contributions -------------------------------------------------------------
-    def gram_features(self, mod, a, g, n_total: Optional[int] = None):
-        """What a Gram computation keeps of a batch for this layer (default: gradients)."""
-        return self.per_example_grads(mod, a, g)
+    def gram_features(self, mod, a, g, n_total: Optional[int] = None) -> tuple:
+        """What a Gram computation keeps of a batch for this layer: a tuple
+        ``(kind, per_output (K, N, ...), per_example (N, ...) or None, bias)`` (the layout
+        :mod:`~nngeo_dist.generator.gram` slices); by default the per-example
+        gradients, ``("grads", (K, N, numel), None, False)``."""
+        return ("grads", self.per_example_grads(mod, a, g), None, False)
 
-    def gram_pair(self, f1, f2) -> Tensor:
-        """(K1, N1, K2, N2) sum over the layer's parameters of J_k(x_n) J_l(x_m)
-        (``f1 is f2``: a batch against itself, a symmetric product)."""
-        if f1 is f2:
-            K, N, p = f1.shape
-            return row_products(f1.reshape(K * N, p)).view(K, N, K, N)
-        return torch.einsum("knp,lmp->knlm", f1, f2)
+    def gram_input_pair(self, f1: tuple, f2: tuple) -> Optional[Tensor]:
+        """The part of :meth:`gram_pair_into` that depends on the examples only (not on
+        the outputs), computed once for all the output tiles of two example sets; None
+        when there is none."""
+        return None
+
+    def gram_pair_into(self, f1: tuple, f2: tuple, out: Tensor, accumulate: bool,
+                       inputs: Optional[Tensor] = None) -> None:
+        """Write (``accumulate``: add) into ``out`` (K1, N1, K2, N2) the layer's Gram
+        contribution between two feature sets: the sum over its parameters of
+        J_k(x_n) J_l(x_m) (``inputs``: :meth:`gram_input_pair` of the two)."""
+        q1, q2 = f1[1], f2[1]
+        K1, N1 = q1.shape[:2]
+        K2, N2 = q2.shape[:2]
+        prod = q1.reshape(K1 * N1, -1) @ q2.reshape(K2 * N2, -1).t()
+        _write(out, prod.view(K1, N1, K2, N2), accumulate)
 
     def project_tangent(self, mod, weight_tangent: Tensor) -> Tensor:
         """The weight direction as autograd's backward sees it (forward-mode may differ)."""
@@ -413,25 +432,34 @@ class AffineMath(LayerMath):
         pairwise = (K * n) ** 2 * T * T * (o + 1) + n * n * T * T * width
         via_grads = 2 * K * n * T * o * i + (K * n) ** 2 * (o * i + o)
         if pairwise <= via_grads:
-            return ("pairwise", x, q, self.has_bias(mod))
-        return ("grads", self.per_example_grads(mod, a, g))
+            return ("pairwise", q, x, self.has_bias(mod))
+        return super().gram_features(mod, a, g, n_total)
 
-    def gram_pair(self, f1, f2):
+    def gram_input_pair(self, f1, f2):
+        """Pairwise form: (N1, T1, N2, T2) products of the patches (+1 for a bias)."""
         if f1[0] == "grads":
-            return super().gram_pair(f1[1], f2[1])
-        _, x1, q1, bias = f1
-        _, x2, q2, _ = f2
+            return None
+        aa = self.input_products(f1[2], f2[2]).to(f1[1].dtype)
+        return aa + 1.0 if f1[3] else aa
+
+    def gram_pair_into(self, f1, f2, out, accumulate, inputs=None):
+        """Pairwise form: sum over positions t, s of (g_t . g_s) (p_t . p_s + bias)."""
+        if f1[0] == "grads":
+            return super().gram_pair_into(f1, f2, out, accumulate)
+        aa = self.gram_input_pair(f1, f2) if inputs is None else inputs
+        q1, q2 = f1[1], f2[1]
         K1, N1, T1, o = q1.shape
         K2, N2, T2, _ = q2.shape
-        aa = self.input_products(x1, x2).to(q1.dtype)
-        if bias:
-            aa = aa + 1.0
         if T1 == 1 and T2 == 1:
-            r1 = q1[:, :, 0].reshape(K1 * N1, o)
-            gg = row_products(r1) if f1 is f2 else r1 @ q2[:, :, 0].reshape(K2 * N2, o).t()
-            return gg.view(K1, N1, K2, N2).mul_(aa[:, 0, :, 0][None, :, None, :])
+            gg = (q1.reshape(K1 * N1, o) @ q2.reshape(K2 * N2, o).t()).view(K1, N1, K2, N2)
+            scale = aa[:, 0, :, 0][None, :, None, :]
+            if accumulate:
+                out.addcmul_(gg, scale)  # one pass: no scaled temporary
+            else:
+                torch.mul(gg, scale, out=out)
+            return
         gg = torch.einsum("knto,lmso->kntlms", q1, q2)
-        return torch.einsum("kntlms,ntms->knlm", gg, aa)
+        _write(out, torch.einsum("kntlms,ntms->knlm", gg, aa), accumulate)
 
 
 @register("Linear")

@@ -183,42 +183,6 @@ def make_fvector(local: Tensor, group, layout: RowLayout) -> FVector:
 # ---------------------------------------------------------------- Gram blocks
 
 
-def _offsets(feats: list) -> list[int]:
-    out = [0]
-    for f in feats:
-        out.append(out[-1] + f[0])
-    return out
-
-
-def _fill_symmetric(generator, K: Tensor, feats: list, col0: int, first: Optional[Tensor] = None) -> None:
-    """K[:, rows of feats, :, col0 + rows of feats] from the features' pairs i <= j,
-    mirrored below the diagonal (``first``: block (0, 0) when already computed)."""
-    off = _offsets(feats)
-    for bi, fi in enumerate(feats):
-        for bj in range(bi, len(feats)):
-            if bi == bj == 0 and first is not None:
-                block = first
-            else:
-                block = generator.gram_block(fi, feats[bj])
-            si = slice(off[bi], off[bi + 1])
-            sj = slice(off[bj], off[bj + 1])
-            K[:, si, :, col0 + off[bj]:col0 + off[bj + 1]] = block
-            if bj != bi:
-                K[:, sj, :, col0 + off[bi]:col0 + off[bi + 1]] = block.permute(2, 3, 0, 1)
-
-
-def gram_from_features(generator, feats: list) -> Tensor:
-    """(c, n, c, n) from per-batch Gram features; blocks i <= j computed, mirrored below."""
-    if not feats:
-        raise ValueError("no example was seen: the loader is empty")
-    first = generator.gram_block(feats[0], feats[0])
-    n = _offsets(feats)[-1]
-    c = first.shape[0]
-    K = first.new_empty((c, n, c, n))  # every block is written (i <= j, then mirrored)
-    _fill_symmetric(generator, K, feats, 0, first)
-    return K
-
-
 class _Recording:
     """Iterates ``loader`` and keeps what it yields (the batches of this rank's shard)."""
 
@@ -257,15 +221,14 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
         # the cost model sees it, the values are exact either way
         n_total = max(n_total or 0, 1024)
     recorded: Optional[list] = [] if exchange != "features" else None
-    own, first, error = [], None, None
+    own, error = [], None
     n_local, c, fbytes, ibytes = 0, -1, 0, 0
     try:
         source = loader if recorded is None else _Recording(loader, recorded)
         own = generator.gram_features(source, n_total)
         n_local = sum(f[0] for f in own)
         if own:
-            first = generator.gram_block(own[0], own[0])
-            c = first.shape[0]
+            c = sum(next(iter(f.values()))[1].shape[0] for f in own[0][1])
         fbytes = structure_nbytes(own)
         ibytes = structure_nbytes(recorded) if recorded is not None else 0
     except Exception as exc:  # noqa: BLE001 - every rank raises in agree_ints
@@ -281,14 +244,14 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
         mode = "inputs" if sum(r[3] for r in rows) < sum(r[2] for r in rows) else "features"
     if mode == "features":
         recorded = None
-    dtype = first.dtype if first is not None else generator.dtype
+    dtype = next(iter(own[0][1][0].values()))[1].dtype if own else generator.dtype
     K = torch.zeros((c, n_local, c, layout.n), dtype=dtype, device=generator.device)
     error = None
-    try:
-        _fill_symmetric(generator, K, own, layout.offset, first)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    own_off = _offsets(own)
+    if own:  # this rank's examples against themselves
+        try:
+            generator.gram_symmetric(own, out=K[:, :, :, layout.offset:layout.offset + n_local])
+        except Exception as exc:  # noqa: BLE001 - raised on every rank after the exchange
+            error = exc
     sent = 0
     for s in range(world):
         if counts[s] == 0:
@@ -303,10 +266,9 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
                 continue  # still advance: the broadcasts are collective
             try:
                 feats = [obj] if mode == "features" else generator.gram_features([obj], n_total)
-                for f in feats:
-                    for bi, fi in enumerate(own):
-                        K[:, own_off[bi]:own_off[bi + 1], :, col:col + f[0]] = generator.gram_block(fi, f)
-                    col += f[0]
+                n_obj = sum(f[0] for f in feats)
+                generator.gram_block(own, feats, out=K[:, :, :, col:col + n_obj])
+                col += n_obj
             except Exception as exc:  # noqa: BLE001
                 error = exc
     agree_ints([], error, group)
@@ -369,7 +331,7 @@ class FMatDense:
         if group is None:
             hint = examples_hint(loader)
             feats = generator.gram_features(loader, hint if hint > 0 else None)
-            return cls(gram_from_features(generator, feats), generator)
+            return cls(generator.gram_symmetric(feats), generator)
         K, layout, info = _gram_rows(generator, loader, group, exchange)
         out = cls(K, generator, group, layout)
         out.exchange_info = info

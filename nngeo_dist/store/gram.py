@@ -203,26 +203,10 @@ def tile_features(generator, source: DataSource, I: int, B: int) -> list:
 
 def gram_block_from_features(generator, f_rows: list, f_cols: Optional[list]) -> Tensor:
     """``(c, bI, c, bJ)`` block between two tiles' features; ``f_cols=None``: the diagonal
-    tile of ``f_rows`` (only batch pairs i <= j computed, mirrored)."""
+    tile of ``f_rows`` (a symmetric product)."""
     if f_cols is None:
-        from ..object.fspace import gram_from_features
-
-        return gram_from_features(generator, f_rows)
-    block = None
-    r0 = 0
-    for fr in f_rows:
-        c0 = 0
-        for fc in f_cols:
-            sub = generator.gram_block(fr, fc)
-            if block is None:
-                c = sub.shape[0]
-                nr = sum(f[0] for f in f_rows)
-                nc = sum(f[0] for f in f_cols)
-                block = sub.new_empty((c, nr, c, nc))
-            block[:, r0:r0 + fr[0], :, c0:c0 + fc[0]] = sub
-            c0 += fc[0]
-        r0 += fr[0]
-    return block
+        return generator.gram_symmetric(f_rows)
+    return generator.gram_block(f_rows, f_cols)
 
 
 def compute_gram_tile(generator, source: DataSource, I: int, J: int, B: int,
