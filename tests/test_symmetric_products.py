@@ -1,6 +1,6 @@
-"""Symmetric products computed from three of their four half blocks (a batch's Gram block
-against itself, KFAC's input factor): against the plain product and the oracle, at sizes
-where the half-block route is taken (the zoo's models are too small for it)."""
+"""Symmetric products computed from three of their four half blocks (KFAC's input factor)
+and Grams assembled from row tiles: against the plain product and the oracle, at sizes
+where those routes are taken (the zoo's models are too small for them)."""
 from __future__ import annotations
 
 import pytest
