@@ -102,16 +102,18 @@ def _square_sum_rows(x: Tensor) -> Tensor:
     return (x * x).sum(dim=(0, 1))
 
 
-def row_products(x: Tensor) -> Tensor:
-    """(M, p) -> (M, M) = x x^T, symmetric: for large enough products only three of the
-    four half blocks are multiplied (the fourth is the transpose of one of them)."""
+def row_products(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """(M, p) -> (M, M) = x x^T, symmetric: for large enough products, the top half rows
+    against all rows, the bottom-right block recursively, the bottom-left half block the
+    transpose of the top-right one (about half the multiplications of the plain product)."""
     M, p = x.shape
-    if M < 256 or p < 64:
-        return x @ x.t()
+    if out is None:
+        out = x.new_empty(M, M)
+    if M < 128 or p < 64:
+        return torch.mm(x, x.t(), out=out)
     h = M // 2
-    out = x.new_empty(M, M)
     torch.mm(x[:h], x.t(), out=out[:h])
-    out[h:, h:] = x[h:] @ x[h:].t()
+    row_products(x[h:], out[h:, h:])
     out[h:, :h] = out[:h, h:].t()
     return out
 
