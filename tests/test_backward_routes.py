@@ -5,6 +5,9 @@ backward per output, which a summing consumer (statistics, Jacobian rows) receiv
 by output. Both routes, with and without output chunking (``max_outputs``), must give the
 oracle's numbers. Convolution patches are built by strided copies (not im2col) and are
 memoised within a captured batch: both checked against ``F.unfold`` and by identity.
+Kernels with two equivalent routes (QuasiDiag of a convolution: from the patches or from
+the convolution's own weight gradient) are timed once per shape; each route is checked
+against the oracle.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from test_kfac import f64, nngeometry_fim  # noqa: F401 - f64 is a fixture
 from models import loader_of, make, variant_of
 from nngeo_dist import FIM, GramMatrix, Jacobian
 from nngeo_dist.generator import capture
+from nngeo_dist.generator import layers
 from nngeo_dist.generator.layers import input_memo, layer_math_for
 from nngeo_dist.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC, PMatQuasiDiag
 
@@ -110,6 +114,51 @@ def test_patches_equal_unfold(conv):
     if isinstance(conv, nn.Conv2d) and not isinstance(conv.padding, str):
         want = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
         assert torch.equal(p, want.transpose(1, 2))
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
+def test_weight_grads_by_conv_equal_the_patches_product(conv):
+    conv = conv.double()
+    spatial = (7, 9) if isinstance(conv, nn.Conv2d) else (11,)
+    a = torch.randn(5, 3, *spatial, dtype=torch.float64)
+    math = layer_math_for(type(conv).__name__)
+    gk = torch.randn_like(conv(a))  # one output function's gradients (N, o, *out)
+    want = torch.einsum("nti,not->noi", math.patches(conv, a), gk.flatten(2))
+    assert rel(math.weight_grads_by_conv(conv, a, gk), want) < 1e-12
+
+
+@pytest.mark.parametrize("route", ["patches", "conv"])
+@pytest.mark.parametrize("name", ["conv1d", "conv2d_stride_pad", "conv2d_dilation", "conv2d_nobias", "mixed_cnn"])
+def test_quasidiag_of_convolutions_on_each_route(name, route, monkeypatch):
+    from test_quasidiag import pattern
+
+    monkeypatch.setattr(layers, "fastest", lambda key, routes, device: routes[route]())
+    model, batches, c = make(name)
+    variant = variant_of(c)
+    F_ = FIM(model, loader_of(batches), PMatQuasiDiag, variant=variant)
+    P = pattern(model)
+    assert rel(F_.to_torch(), oracle.fim_dense(model, batches, variant) * P) < RTOL
+
+
+def test_fastest_times_each_route_once_then_keeps_its_choice(monkeypatch):
+    monkeypatch.setattr(layers, "_FASTEST", {})
+    calls = {"slow": 0, "quick": 0}
+
+    def route(name, seconds):
+        def run():
+            calls[name] += 1
+            if seconds:
+                import time
+                time.sleep(seconds)
+            return name
+        return run
+
+    routes = {"slow": route("slow", 0.02), "quick": route("quick", 0)}
+    assert layers.fastest(("k",), routes, torch.device("cpu")) == "quick"
+    assert calls == {"slow": 2, "quick": 2}  # a set-up run, then a timed run each
+    assert layers.fastest(("k",), routes, torch.device("cpu")) == "quick"
+    assert calls == {"slow": 2, "quick": 3}
+    assert layers.fastest(("other",), {"only": route("quick", 0)}, torch.device("cpu")) == "quick"
 
 
 def test_patches_memoised_within_a_batch_only():

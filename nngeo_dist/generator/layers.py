@@ -22,12 +22,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import threading
+import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger("nngeo_dist.generator")
 
 LAYER_TYPES: dict[str, type] = {}
 
@@ -91,6 +95,35 @@ def per_input(fn):
         return value
 
     return wrapper
+
+
+#: the route :func:`fastest` chose for each key (kernel, layer type and shapes)
+_FASTEST: dict = {}
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def fastest(key: tuple, routes: dict, device: torch.device):
+    """The result of the fastest of equivalent ``routes`` ({name: () -> result}, the same
+    numbers up to rounding). On the first call for ``key`` each route runs twice and its
+    second run is timed (a first call sets kernels up); the choice is kept for the key."""
+    name = _FASTEST.get(key)
+    if name is not None:
+        return routes[name]()
+    results, times = {}, {}
+    for name, route in routes.items():
+        route()
+        t0 = _clock(device)
+        results[name] = route()
+        times[name] = _clock(device) - t0
+    name = min(times, key=times.get)
+    _FASTEST[key] = name
+    log.debug("%s: route %s (%s)", key[0], name, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
+    return results[name]
 
 
 class KFACUnsupportedError(TypeError, NotImplementedError):
@@ -475,6 +508,9 @@ class LinearMath(AffineMath):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+
+
 def _conv_padding(mod, dims: int) -> list[int]:
     """The module's padding as an ``F.pad`` list ((left, right) per spatial dim, last dim
     first), torch's 'same' and 'valid' resolved."""
@@ -508,14 +544,56 @@ class ConvMath(AffineMath):
             )
 
     @per_input
+    def padded(self, mod, a: Tensor) -> Tensor:
+        """The input with the module's zero padding applied (``'same'`` resolved)."""
+        pads = _conv_padding(mod, self.dims)
+        return F.pad(a, pads) if any(pads) else a
+
+    def weight_grads_by_conv(self, mod, a: Tensor, gk: Tensor) -> Tensor:
+        """(N, o, i) per-example weight gradients of one output function, gradients
+        ``gk`` (N, o, *out), as the convolution's own weight gradient with the examples
+        as groups: reads the input, not its patches (k^d times larger)."""
+        x = self.padded(mod, a)
+        N, C = x.shape[:2]
+        o = gk.shape[1]
+        weight_grad = _CONV_WEIGHT_GRAD[self.dims]
+        gw = weight_grad(x.reshape(1, N * C, *x.shape[2:]), (N * o, C, *mod.kernel_size),
+                         gk.reshape(1, N * o, *gk.shape[2:]), stride=mod.stride, padding=0,
+                         dilation=mod.dilation, groups=N)
+        return gw.view(N, o, -1)
+
+    def quasidiag(self, mod, a, g, layer):
+        """Per-example gradients from the patches (batched products) or from the
+        convolution's weight gradient, whichever runs faster for this layer's shapes:
+        the first wins when the patches are narrow, the second when they are large."""
+        key = ("quasidiag", type(mod).__name__, tuple(a.shape), tuple(g.shape), tuple(mod.weight.shape),
+               mod.stride, str(mod.padding), mod.dilation, layer.has_bias, a.dtype, a.device)
+        return fastest(key, {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
+                             "conv": lambda: self._quasidiag_by_conv(mod, a, g, layer)}, a.device)
+
+    def _quasidiag_by_conv(self, mod, a, g, layer):
+        o = g.shape[2]
+        d = g.new_zeros(o, mod.weight.numel() // o)
+        cross = g.new_zeros(d.shape) if layer.has_bias else None
+        d_bias = g.new_zeros(o)
+        for gk in g:
+            gw = self.weight_grads_by_conv(mod, a, gk)  # (N, o, i)
+            if layer.has_bias:
+                b = gk.flatten(2).sum(dim=2)  # (N, o) bias gradients
+                cross += (gw * b[:, :, None]).sum(dim=0)
+                d_bias += (b * b).sum(dim=0)
+            d += gw.square_().sum(dim=0)
+        if not layer.has_bias:
+            return d.reshape(-1), None
+        return torch.cat([d.reshape(-1), d_bias]), cross.reshape(-1)
+
+    @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:
         """(i', N, T) input patches, i = C * prod(kernel) in the weight's (C, *kernel)
         order, then a row of ones for a bias: one strided copy of the (padded) input per
         kernel offset. Faster than im2col, and in this layout the patches of a whole
         batch are one (i', N T) matrix."""
-        pads = _conv_padding(mod, self.dims)
-        if any(pads):
-            a = F.pad(a, pads)
+        a = self.padded(mod, a)
         N, C = a.shape[:2]
         ks, st, dil = mod.kernel_size, mod.stride, mod.dilation
         size = [(a.shape[2 + d] - dil[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(self.dims)]
