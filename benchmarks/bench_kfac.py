@@ -11,8 +11,10 @@ variant classif_logits (c = 10). Timed, for ours and nngeometry (same calls, its
     ekfac      F = FIM(model, loader, PMatEKFAC); F.update_diag(loader)   (two passes)
     quasidiag  FIM(model, loader, PMatQuasiDiag)
 
-Timing: a warm-up on one batch, then the best of k full runs (``--k``, default 3), wall
-clock (``--clock cpu``: this process's CPU time, steadier on a shared machine; use it with
+Timing: a warm-up on one batch, then k rounds (``--k``, default 3) in which ours,
+nngeometry and the floor's pass each run once, the order rotating each round (all see the
+same drift of a shared machine's speed); the best of the k is reported. Wall clock
+(``--clock cpu``: this process's CPU time, steadier on a shared machine; use it with
 ``--threads 1``).
 Agreement: ours and nngeometry's vTMv(v) for a random v must agree to ``--tol`` (1e-3 in
 float32), else the run exits 1.
@@ -22,7 +24,7 @@ Floor (measured in this run, per quantity):
     pass       one forward and c-1 backward passes to the layers' OUTPUTS (not to the
                weights), over the same data: the least any method that needs the
                gradients w.r.t. pre-activations of a (c-1)-output FIM root must do
-               (timed; best of k).
+               (timed with each quantity, interleaved with ours and nngeometry).
     FLOPs      the products the statistics need, at the float32 matmul rate measured in
                this run (a large torch.mm, same thread count), per example and layer
                (i' = fan-in + bias, o = fan-out, T = output positions, c' = c-1):
@@ -201,6 +203,21 @@ def best(fn, k):
     return min(times), out
 
 
+def interleaved(fns: dict, k: int) -> dict:
+    """{name: (best of k seconds, last result)} for ``fns`` ({name: () -> result}) run in
+    k rounds, the order rotating each round: on a machine whose speed drifts, every
+    contender (ours, nngeometry, the floor's pass) sees the same phases."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    outs = {}
+    for r in range(k):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            t, outs[n] = _timed(fns[n])
+            times[n].append(t)
+    return {n: (min(times[n]), outs[n]) for n in names}
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -257,7 +274,8 @@ def main(argv=None):
           f"{args.clock} clock; "
           f"matmul rate {rate / 1e9:.1f} GFLOP/s")
     results, failures, bad_agreement = [], [], []
-    header = f"{'model':5} {'quantity':10} {'ours s':>8} {'nngeo s':>8} {'ours/nngeo':>10} {'floor s':>8} {'ours/floor':>10}  targets"
+    header = (f"{'model':5} {'quantity':10} {'ours s':>8} {'nngeo s':>8} {'ours/nngeo':>10} {'pass s':>8} "
+              f"{'floor s':>8} {'ours/floor':>10}  targets")
     specs = model_specs(args.quick)
     for mname in args.models.split(","):
         build, shape, desc = specs[mname]
@@ -269,36 +287,40 @@ def main(argv=None):
         with torch.no_grad():
             c = model(x[:2]).shape[1]
         layers = layer_shapes(model, shape)
-        t_pass = best(pass_fn(model, loader, c), args.k)[0]
+        pass_fn(model, warm, c)()  # sets its kernels up before the timed rounds
         t_eigh = eigh_time(layers, args.k)
         d = sum(p.numel() for p in model.parameters())
-        print(f"\n{desc}: d={d}, c={c}; floor pass (1 fwd + {c - 1} bwd to layer outputs) {t_pass:.3f}s, "
+        print(f"\n{desc}: d={d}, c={c}; floor pass = 1 fwd + {c - 1} bwd to layer outputs; "
               f"eigh of the factors {t_eigh:.3f}s")
         print(header)
         v = torch.randn(d, generator=torch.Generator().manual_seed(1))
         for q in args.quantities.split(","):
+            fns = {"ours": lambda: run_ours(q, model, loader), "pass": pass_fn(model, loader, c)}
             run_ours(q, model, warm)
-            t_ours, F = best(lambda: run_ours(q, model, loader), args.k)
-            t_ngeo = ratio_ngeo = None
             if have_ngeo:
                 run_nngeo(q, model, warm)
-                t_ngeo, Fn = best(lambda: run_nngeo(q, model, loader), args.k)
+                fns["nngeo"] = lambda: run_nngeo(q, model, loader)
+            timed = interleaved(fns, args.k)
+            (t_ours, F), t_pass_q = timed["ours"], timed["pass"][0]
+            t_ngeo = ratio_ngeo = None
+            if have_ngeo:
+                t_ngeo, Fn = timed.pop("nngeo")
                 ratio_ngeo = t_ours / t_ngeo
                 a, b = vtmv_ours(F, model, v), vtmv_nngeo(Fn, v)
                 diff = abs(a - b) / max(abs(b), 1e-30)
                 if not diff <= args.tol:
                     bad_agreement.append((mname, q, diff))
                 del Fn
-            del F
-            floor = (2 if q == "ekfac" else 1) * t_pass + flops(q, layers, args.n, c) / rate + (t_eigh if q == "ekfac" else 0)
+            del F, timed
+            floor = (2 if q == "ekfac" else 1) * t_pass_q + flops(q, layers, args.n, c) / rate + (t_eigh if q == "ekfac" else 0)
             ratio_floor = t_ours / floor
             checks = target_checks(mname, q, ratio_ngeo, ratio_floor)
             failures += [(mname, q, name) for name, ok in checks if not ok]
             tg = " ".join(f"{name}:{'PASS' if ok else 'FAIL'}" for name, ok in checks)
             ng = f"{t_ngeo:8.3f} {ratio_ngeo:10.3f}" if t_ngeo is not None else f"{'-':>8} {'-':>10}"
-            print(f"{mname:5} {q:10} {t_ours:8.3f} {ng} {floor:8.3f} {ratio_floor:10.3f}  {tg}", flush=True)
+            print(f"{mname:5} {q:10} {t_ours:8.3f} {ng} {t_pass_q:8.3f} {floor:8.3f} {ratio_floor:10.3f}  {tg}", flush=True)
             results.append(dict(model=mname, quantity=q, ours_s=t_ours, nngeo_s=t_ngeo, ratio_nngeo=ratio_ngeo,
-                                floor_s=floor, ratio_floor=ratio_floor, checks={n: ok for n, ok in checks}))
+                                pass_s=t_pass_q, floor_s=floor, ratio_floor=ratio_floor, checks={n: ok for n, ok in checks}))
     for m, q, diff in bad_agreement:
         print(f"DISAGREEMENT {m} {q}: vTMv relative difference {diff:.2e} > {args.tol}")
     print(f"\ntargets: {'all PASS' if not failures else 'FAIL: ' + ', '.join('/'.join(f) for f in failures)}")

@@ -107,6 +107,11 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _octave(n: int) -> int:
+    """A size class (powers of two): inputs of varying length share a timed choice."""
+    return max(int(n), 1).bit_length()
+
+
 def fastest(key: tuple, routes: dict, device: torch.device):
     """The result of the fastest of equivalent ``routes`` ({name: () -> result}, the same
     numbers up to rounding). On the first call for ``key`` each route runs twice and its
@@ -566,8 +571,9 @@ class ConvMath(AffineMath):
         """Per-example gradients from the patches (batched products) or from the
         convolution's weight gradient, whichever runs faster for this layer's shapes:
         the first wins when the patches are narrow, the second when they are large."""
-        key = ("quasidiag", type(mod).__name__, tuple(a.shape), tuple(g.shape), tuple(mod.weight.shape),
-               mod.stride, str(mod.padding), mod.dilation, layer.has_bias, a.dtype, a.device)
+        key = ("quasidiag", type(mod).__name__, tuple(mod.weight.shape), mod.stride, str(mod.padding),
+               mod.dilation, layer.has_bias, g.shape[0], _octave(a.shape[0]), _octave(a[0, 0].numel()),
+               a.dtype, a.device)
         return fastest(key, {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
                              "conv": lambda: self._quasidiag_by_conv(mod, a, g, layer)}, a.device)
 
