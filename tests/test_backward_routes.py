@@ -129,15 +129,21 @@ def test_weight_grads_by_conv_equal_the_patches_product(conv):
 
 @pytest.mark.parametrize("route", ["patches", "conv"])
 @pytest.mark.parametrize("name", ["conv1d", "conv2d_stride_pad", "conv2d_dilation", "conv2d_nobias", "mixed_cnn"])
-def test_quasidiag_of_convolutions_on_each_route(name, route, monkeypatch):
+def test_convolution_kernels_on_each_route(name, route, monkeypatch):
+    """Per-example gradients (Jacobian, Gram), Diag and QuasiDiag of convolutions, from
+    the patches or from the convolution's weight gradient, against the oracle."""
     from test_quasidiag import pattern
 
     monkeypatch.setattr(layers, "fastest", lambda key, routes, device: routes[route]())
     model, batches, c = make(name)
     variant = variant_of(c)
-    F_ = FIM(model, loader_of(batches), PMatQuasiDiag, variant=variant)
-    P = pattern(model)
-    assert rel(F_.to_torch(), oracle.fim_dense(model, batches, variant) * P) < RTOL
+    loader = loader_of(batches)
+    J = oracle.per_example_jacobian(model, None, batches)
+    F = oracle.fim_dense(model, batches, variant)
+    assert rel(Jacobian(model, loader).to_torch(), J) < RTOL
+    assert rel(GramMatrix(model, loader, max_outputs=1).to_torch(), torch.einsum("aik,bjk->aibj", J, J)) < RTOL
+    assert rel(FIM(model, loader, PMatDiag, variant=variant).get_diag(), torch.diagonal(F)) < RTOL
+    assert rel(FIM(model, loader, PMatQuasiDiag, variant=variant).to_torch(), F * pattern(model)) < RTOL
 
 
 def test_fastest_times_each_route_once_then_keeps_its_choice(monkeypatch):

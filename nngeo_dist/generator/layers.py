@@ -342,7 +342,7 @@ class AffineMath(LayerMath):
     def diag(self, mod, a, g):
         p, q = self.patches(mod, a), self.positions(mod, g)
         if p.shape[1] != 1:  # several positions: squares of sums need the gradients
-            return _square_sum_rows(self.per_example_grads(mod, a, g))
+            return _square_sum_rows(AffineMath.per_example_grads(self, mod, a, g))
         p, q = p[:, 0], q[:, :, 0]
         w = self.oi_to_flat((q * q).sum(0).t() @ (p * p))
         if not self.has_bias(mod):
@@ -567,15 +567,47 @@ class ConvMath(AffineMath):
                          dilation=mod.dilation, groups=N)
         return gw.view(N, o, -1)
 
+    # Per-example gradients come from the patches (batched products) or from the
+    # convolution's weight gradient, whichever runs faster for the layer's shapes: the
+    # first wins when the patches are narrow, the second when they are large.
+    def _route_key(self, kernel: str, mod, a, g) -> tuple:
+        return (kernel, type(mod).__name__, tuple(mod.weight.shape), mod.stride, str(mod.padding),
+                mod.dilation, self.has_bias(mod), g.shape[0], _octave(a.shape[0]), _octave(a[0, 0].numel()),
+                a.dtype, a.device)
+
+    def per_example_grads(self, mod, a, g):
+        out = g.new_empty(*g.shape[:2], mod.weight.numel() + (g.shape[2] if self.has_bias(mod) else 0))
+        self.per_example_grads_into(mod, a, g, out)
+        return out
+
+    def per_example_grads_into(self, mod, a, g, out):
+        fastest(self._route_key("per_example_grads", mod, a, g),
+                {"patches": lambda: AffineMath.per_example_grads_into(self, mod, a, g, out),
+                 "conv": lambda: self._grads_by_conv_into(mod, a, g, out)}, a.device)
+
+    def _grads_by_conv_into(self, mod, a, g, out):
+        nw, o = mod.weight.numel(), g.shape[2]
+        w = out[..., :nw].unflatten(-1, (o, nw // o))  # (K, N, o, i)
+        for wk, gk in zip(w, g):
+            wk.copy_(self.weight_grads_by_conv(mod, a, gk))
+        if self.has_bias(mod):
+            out[..., nw:].copy_(g.flatten(3).sum(dim=3))
+
+    def diag(self, mod, a, g):
+        return fastest(self._route_key("diag", mod, a, g),
+                       {"patches": lambda: AffineMath.diag(self, mod, a, g),
+                        "conv": lambda: self._diag_by_conv(mod, a, g)}, a.device)
+
+    def _diag_by_conv(self, mod, a, g):
+        d = sum(self.weight_grads_by_conv(mod, a, gk).square_().sum(dim=0) for gk in g).reshape(-1)
+        if not self.has_bias(mod):
+            return d
+        return torch.cat([d, g.flatten(3).sum(dim=3).square().sum(dim=(0, 1))])
+
     def quasidiag(self, mod, a, g, layer):
-        """Per-example gradients from the patches (batched products) or from the
-        convolution's weight gradient, whichever runs faster for this layer's shapes:
-        the first wins when the patches are narrow, the second when they are large."""
-        key = ("quasidiag", type(mod).__name__, tuple(mod.weight.shape), mod.stride, str(mod.padding),
-               mod.dilation, layer.has_bias, g.shape[0], _octave(a.shape[0]), _octave(a[0, 0].numel()),
-               a.dtype, a.device)
-        return fastest(key, {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
-                             "conv": lambda: self._quasidiag_by_conv(mod, a, g, layer)}, a.device)
+        return fastest(self._route_key("quasidiag", mod, a, g),
+                       {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
+                        "conv": lambda: self._quasidiag_by_conv(mod, a, g, layer)}, a.device)
 
     def _quasidiag_by_conv(self, mod, a, g, layer):
         o = g.shape[2]
