@@ -98,12 +98,15 @@ CONVS = [
 ]
 
 
+def conv_case(conv):
+    """(the convolution in float64, an input batch of 5, its kernels)."""
+    spatial = (7, 9) if isinstance(conv, nn.Conv2d) else (11,)
+    return conv.double(), torch.randn(5, 3, *spatial, dtype=torch.float64), layer_math_for(type(conv).__name__)
+
+
 @pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
 def test_patches_equal_unfold(conv):
-    conv = conv.double()
-    spatial = (7, 9) if isinstance(conv, nn.Conv2d) else (11,)
-    a = torch.randn(5, 3, *spatial, dtype=torch.float64)
-    math = layer_math_for(type(conv).__name__)
+    conv, a, math = conv_case(conv)
     p = math.patches(conv, a)  # (N, T, i)
     y = conv(a)
     T = y[0, 0].numel()
@@ -118,10 +121,7 @@ def test_patches_equal_unfold(conv):
 
 @pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
 def test_weight_grads_by_conv_equal_the_patches_product(conv):
-    conv = conv.double()
-    spatial = (7, 9) if isinstance(conv, nn.Conv2d) else (11,)
-    a = torch.randn(5, 3, *spatial, dtype=torch.float64)
-    math = layer_math_for(type(conv).__name__)
+    conv, a, math = conv_case(conv)
     gk = torch.randn_like(conv(a))  # one output function's gradients (N, o, *out)
     want = torch.einsum("nti,not->noi", math.patches(conv, a), gk.flatten(2))
     assert rel(math.weight_grads_by_conv(conv, a, gk), want) < 1e-12
