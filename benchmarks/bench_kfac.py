@@ -193,16 +193,6 @@ def vtmv_nngeo(F, v):
     return float(F.vTMv(PVector(layer_collection=F.generator.layer_collection, vector_repr=v)))
 
 
-def best(fn, k):
-    times = []
-    out = None
-    for _ in range(k):
-        gc.collect()
-        t, out = _timed(fn)
-        times.append(t)
-    return min(times), out
-
-
 def interleaved(fns: dict, k: int) -> dict:
     """{name: (best of k seconds, last result)} for ``fns`` ({name: () -> result}) run in
     k rounds, the order rotating each round: on a machine whose speed drifts, every

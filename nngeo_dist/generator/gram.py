@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 #: rows (output, example pairs) per product when a symmetric Gram is tiled: narrow enough
@@ -36,6 +37,11 @@ def take(f: dict, outputs: slice = slice(None), examples: slice = slice(None)) -
     return out
 
 
+def _per_output(f: dict) -> Tensor:
+    """A feature set's (K, N, ...) per-output tensor (its first layer's): K, N, dtype."""
+    return next(iter(f.values()))[1]
+
+
 def cells(feats: list) -> list:
     """[(output slice, example slice, {layer: features})] of per-batch features: one
     rectangle of the Gram's rows per batch and chunk of outputs (never copied into one)."""
@@ -45,7 +51,7 @@ def cells(feats: list) -> list:
     for n_b, chunks in feats:
         k0 = 0
         for f in chunks:
-            K = next(iter(f.values()))[1].shape[0]
+            K = _per_output(f).shape[0]
             out.append((slice(k0, k0 + K), slice(e0, e0 + n_b), f))
             k0 += K
         e0 += n_b
@@ -54,6 +60,12 @@ def cells(feats: list) -> list:
 
 def _extent(cs: list) -> tuple[int, int]:
     return max(c[0].stop for c in cs), max(c[1].stop for c in cs)
+
+
+def extent(feats: list) -> tuple[int, int, torch.dtype]:
+    """(c outputs, n examples, dtype) of per-batch features."""
+    cs = cells(feats)
+    return (*_extent(cs), _per_output(cs[0][2]).dtype)
 
 
 def input_pairs(maths: dict, f1: dict, f2: dict) -> dict:
@@ -77,7 +89,7 @@ def block(maths: dict, rows: list, cols: list, out: Optional[Tensor] = None) -> 
     rc, cc = cells(rows), cells(cols)
     if out is None:
         (c, n1), (_, n2) = _extent(rc), _extent(cc)
-        out = next(iter(rc[0][2].values()))[1].new_empty(c, n1, c, n2)
+        out = _per_output(rc[0][2]).new_empty(c, n1, c, n2)
     for ks, es, f in rc:
         for ks2, es2, f2 in cc:
             pair_into(maths, f, f2, out[ks, es, ks2, es2])
@@ -91,7 +103,7 @@ def symmetric(maths: dict, feats: list, out: Optional[Tensor] = None) -> Tensor:
     cs = cells(feats)
     c, n = _extent(cs)
     if out is None:
-        out = next(iter(cs[0][2].values()))[1].new_empty(c, n, c, n)
+        out = _per_output(cs[0][2]).new_empty(c, n, c, n)
     for i, (ks, es, f) in enumerate(cs):
         _diagonal(maths, f, out[ks, es, ks, es])
         for ks2, es2, f2 in cs[i + 1:]:
@@ -129,4 +141,4 @@ def _diagonal(maths: dict, f: dict, out: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["ROW_TILE", "take", "cells", "pair_into", "block", "symmetric"]
+__all__ = ["ROW_TILE", "take", "cells", "extent", "pair_into", "block", "symmetric"]

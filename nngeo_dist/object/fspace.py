@@ -51,6 +51,7 @@ from .groupops import (
     refuse_store,
 )
 from .vector import FVector
+from ..generator.gram import extent as gram_extent
 
 log = logging.getLogger("nngeo_dist.object")
 
@@ -222,13 +223,12 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
         n_total = max(n_total or 0, 1024)
     recorded: Optional[list] = [] if exchange != "features" else None
     own, error = [], None
-    n_local, c, fbytes, ibytes = 0, -1, 0, 0
+    n_local, c, fbytes, ibytes, dtype = 0, -1, 0, 0, generator.dtype
     try:
         source = loader if recorded is None else _Recording(loader, recorded)
         own = generator.gram_features(source, n_total)
-        n_local = sum(f[0] for f in own)
         if own:
-            c = sum(next(iter(f.values()))[1].shape[0] for f in own[0][1])
+            c, n_local, dtype = gram_extent(own)
         fbytes = structure_nbytes(own)
         ibytes = structure_nbytes(recorded) if recorded is not None else 0
     except Exception as exc:  # noqa: BLE001 - every rank raises in agree_ints
@@ -244,7 +244,6 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
         mode = "inputs" if sum(r[3] for r in rows) < sum(r[2] for r in rows) else "features"
     if mode == "features":
         recorded = None
-    dtype = next(iter(own[0][1][0].values()))[1].dtype if own else generator.dtype
     K = torch.zeros((c, n_local, c, layout.n), dtype=dtype, device=generator.device)
     error = None
     if own:  # this rank's examples against themselves
