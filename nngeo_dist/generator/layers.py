@@ -591,39 +591,36 @@ class ConvMath(AffineMath):
         for wk, gk in zip(w, g):
             wk.copy_(self.weight_grads_by_conv(mod, a, gk))
         if self.has_bias(mod):
-            out[..., nw:].copy_(g.flatten(3).sum(dim=3))
+            out[..., nw:].copy_(self.positions(mod, g).sum(dim=2))
+
+    def _squares_by_conv(self, mod, a, g, cross: bool):
+        """Sums over k, n of the squared per-example gradients (weight (o, i), bias (o,))
+        and, with ``cross``, of the weight-bias products (o, i), output by output."""
+        bias = self.has_bias(mod)
+        o = g.shape[2]
+        d = g.new_zeros(o, mod.weight.numel() // o)
+        d_bias = g.new_zeros(o) if bias else None
+        wb = g.new_zeros(d.shape) if cross else None
+        bias_grads = self.positions(mod, g).sum(dim=2) if bias else [None] * len(g)  # (K, N, o)
+        for gk, b in zip(g, bias_grads):
+            gw = self.weight_grads_by_conv(mod, a, gk)  # (N, o, i)
+            if bias:
+                d_bias += (b * b).sum(dim=0)
+                if cross:
+                    wb += (gw * b[:, :, None]).sum(dim=0)
+            d += gw.square_().sum(dim=0)
+        diag = d.reshape(-1) if not bias else torch.cat([d.reshape(-1), d_bias])
+        return diag, (wb.reshape(-1) if cross else None)
 
     def diag(self, mod, a, g):
         return fastest(self._route_key("diag", mod, a, g),
                        {"patches": lambda: AffineMath.diag(self, mod, a, g),
-                        "conv": lambda: self._diag_by_conv(mod, a, g)}, a.device)
-
-    def _diag_by_conv(self, mod, a, g):
-        d = sum(self.weight_grads_by_conv(mod, a, gk).square_().sum(dim=0) for gk in g).reshape(-1)
-        if not self.has_bias(mod):
-            return d
-        return torch.cat([d, g.flatten(3).sum(dim=3).square().sum(dim=(0, 1))])
+                        "conv": lambda: self._squares_by_conv(mod, a, g, cross=False)[0]}, a.device)
 
     def quasidiag(self, mod, a, g, layer):
         return fastest(self._route_key("quasidiag", mod, a, g),
                        {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
-                        "conv": lambda: self._quasidiag_by_conv(mod, a, g, layer)}, a.device)
-
-    def _quasidiag_by_conv(self, mod, a, g, layer):
-        o = g.shape[2]
-        d = g.new_zeros(o, mod.weight.numel() // o)
-        cross = g.new_zeros(d.shape) if layer.has_bias else None
-        d_bias = g.new_zeros(o)
-        for gk in g:
-            gw = self.weight_grads_by_conv(mod, a, gk)  # (N, o, i)
-            if layer.has_bias:
-                b = gk.flatten(2).sum(dim=2)  # (N, o) bias gradients
-                cross += (gw * b[:, :, None]).sum(dim=0)
-                d_bias += (b * b).sum(dim=0)
-            d += gw.square_().sum(dim=0)
-        if not layer.has_bias:
-            return d.reshape(-1), None
-        return torch.cat([d.reshape(-1), d_bias]), cross.reshape(-1)
+                        "conv": lambda: self._squares_by_conv(mod, a, g, cross=layer.has_bias)}, a.device)
 
     @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:
