@@ -120,11 +120,15 @@ def test_patches_equal_unfold(conv):
 
 
 @pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
-def test_weight_grads_by_conv_equal_the_patches_product(conv):
+def test_weight_grads_by_conv_equal_torch_func_per_example_gradients(conv):
     conv, a, math = conv_case(conv)
     gk = torch.randn_like(conv(a))  # one output function's gradients (N, o, *out)
-    want = torch.einsum("nti,not->noi", math.patches(conv, a), gk.flatten(2))
-    assert rel(math.weight_grads_by_conv(conv, a, gk), want) < 1e-12
+
+    def pulled_back(w, x, gx):  # <gk_n, conv_w(x_n)>: its gradient in w is example n's
+        return (torch.func.functional_call(conv, {"weight": w, "bias": conv.bias}, (x[None],)) * gx[None]).sum()
+
+    want = torch.func.vmap(torch.func.grad(pulled_back), in_dims=(None, 0, 0))(conv.weight.detach(), a, gk)
+    assert rel(math.weight_grads_by_conv(conv, a, gk), want.flatten(2)) < 1e-12
 
 
 @pytest.mark.parametrize("route", ["patches", "conv"])
