@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .patch_lags import patch_products
+
 log = logging.getLogger("nngeo_dist.generator")
 
 LAYER_TYPES: dict[str, type] = {}
@@ -570,10 +572,10 @@ class ConvMath(AffineMath):
     # Per-example gradients come from the patches (batched products) or from the
     # convolution's weight gradient, whichever runs faster for the layer's shapes: the
     # first wins when the patches are narrow, the second when they are large.
-    def _route_key(self, kernel: str, mod, a, g) -> tuple:
+    def _route_key(self, kernel: str, mod, a, g: Optional[Tensor]) -> tuple:
         return (kernel, type(mod).__name__, tuple(mod.weight.shape), mod.stride, str(mod.padding),
-                mod.dilation, self.has_bias(mod), g.shape[0], _octave(a.shape[0]), _octave(a[0, 0].numel()),
-                a.dtype, a.device)
+                mod.dilation, self.has_bias(mod), 0 if g is None else g.shape[0], _octave(a.shape[0]),
+                _octave(a[0, 0].numel()), a.dtype, a.device)
 
     def per_example_grads(self, mod, a, g):
         out = g.new_empty(*g.shape[:2], mod.weight.numel() + (g.shape[2] if self.has_bias(mod) else 0))
@@ -621,6 +623,20 @@ class ConvMath(AffineMath):
         return fastest(self._route_key("quasidiag", mod, a, g),
                        {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
                         "conv": lambda: self._squares_by_conv(mod, a, g, cross=layer.has_bias)}, a.device)
+
+    def kfac_A(self, mod, a):
+        # with stride 1, the lags route reads the input instead of its patches and makes
+        # about (2k-1)^d / k^2d of their product's multiplications (patch_lags.py)
+        if any(s != 1 for s in mod.stride):
+            return AffineMath.kfac_A(self, mod, a)
+        return fastest(self._route_key("kfac_A", mod, a, None),
+                       {"patches": lambda: AffineMath.kfac_A(self, mod, a),
+                        "lags": lambda: self._kfac_A_by_lags(mod, a)}, a.device)
+
+    def _kfac_A_by_lags(self, mod, a):
+        pads = _conv_padding(mod, self.dims)
+        padding = [(pads[2 * (self.dims - 1 - d)], pads[2 * (self.dims - 1 - d) + 1]) for d in range(self.dims)]
+        return patch_products(a, mod.kernel_size, mod.dilation, padding, self.has_bias(mod))
 
     @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:
