@@ -36,6 +36,10 @@ Floor (measured in this run, per quantity):
                           2 c' T o i' (conv: per-example gradients)
     floor      kfac, quasidiag: pass + FLOPs; ekfac: 2 passes + FLOPs + eigh.
 
+Then KFAC's input factor of a stride-1 convolution by both of its routes (the patches'
+product, or lags from the convolution's weight gradient: nngeo_dist/generator/patch_lags.py)
+on the CNN's layers and two ResNet-sized ones, with each route's FLOPs.
+
 Targets (issue 3): ours/nngeometry <= 0.6 on the CNN for KFAC and EKFAC, <= 1 on the MLP,
 and ours/floor <= 1.5; each printed with PASS/FAIL (only ``--strict-targets`` makes a FAIL
 change the exit code). The last line is ``BENCH_JSON {...}`` (also ``--json PATH``).
@@ -208,6 +212,42 @@ def interleaved(fns: dict, k: int) -> dict:
     return {n: (min(times[n]), outs[n]) for n in names}
 
 
+def factor_route_shapes(quick):
+    """(N, C_in, size, C_out) of 3x3 'same' convolutions: the CNN's three, then two of a
+    ResNet's sizes."""
+    if quick:
+        return [(10, 3, 8, 4), (10, 4, 4, 8)]
+    return [(100, 3, 32, 16), (100, 16, 16, 32), (100, 32, 8, 32), (32, 64, 32, 64), (32, 128, 16, 128)]
+
+
+def input_factor_routes(quick, k):
+    """KFAC's input factor of a stride-1 convolution by its two routes, per shape: from
+    the patches (their product, 2 T i'^2 FLOPs per example) and from lags (the weight
+    gradient, 2 C^2 (2k-1)^2 S per example, plus the edges), interleaved, best of k."""
+    from nngeo_dist.generator.layers import AffineMath, layer_math_for
+
+    math_ = layer_math_for("Conv2d")
+    rows = []
+    print("\nKFAC input factor of a 3x3 'same' convolution: patches' product vs lags (best of "
+          f"{max(k, 3)})")
+    print(f"{'N':>4} {'C':>4} {'size':>5} {'patches ms':>11} {'lags ms':>8} {'lags/patches':>12} "
+          f"{'patch GFLOP':>11} {'lag GFLOP':>9}")
+    for n, c, size, o in factor_route_shapes(quick):
+        mod = nn.Conv2d(c, o, 3, padding=1)
+        x = torch.randn(n, c, size, size)
+        routes = {"patches": lambda: AffineMath.kfac_A(math_, mod, x), "lags": lambda: math_._kfac_A_by_lags(mod, x)}
+        for f in routes.values():
+            f()
+        t = {name: t for name, (t, _) in interleaved(routes, max(k, 3)).items()}
+        i1 = 9 * c + 1
+        fl_p = 2 * n * size * size * i1 * i1 / 1e9
+        fl_l = 2 * n * size * size * c * c * 25 / 1e9
+        print(f"{n:4d} {c:4d} {size:5d} {t['patches'] * 1e3:11.2f} {t['lags'] * 1e3:8.2f} "
+              f"{t['lags'] / t['patches']:12.2f} {fl_p:11.3f} {fl_l:9.3f}")
+        rows.append(dict(n=n, c=c, size=size, patches_s=t["patches"], lags_s=t["lags"]))
+    return rows
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -311,12 +351,13 @@ def main(argv=None):
             print(f"{mname:5} {q:10} {t_ours:8.3f} {ng} {t_pass_q:8.3f} {floor:8.3f} {ratio_floor:10.3f}  {tg}", flush=True)
             results.append(dict(model=mname, quantity=q, ours_s=t_ours, nngeo_s=t_ngeo, ratio_nngeo=ratio_ngeo,
                                 pass_s=t_pass_q, floor_s=floor, ratio_floor=ratio_floor, checks={n: ok for n, ok in checks}))
+    factor_rows = input_factor_routes(args.quick, args.k)
     for m, q, diff in bad_agreement:
         print(f"DISAGREEMENT {m} {q}: vTMv relative difference {diff:.2e} > {args.tol}")
     print(f"\ntargets: {'all PASS' if not failures else 'FAIL: ' + ', '.join('/'.join(f) for f in failures)}")
     payload = dict(results=results, threads=args.threads, clock=args.clock, n=args.n, batch_size=args.batch_size,
                    matmul_gflops=rate / 1e9, quick=args.quick, torch=torch.__version__,
-                   agreement_failures=[list(b) for b in bad_agreement])
+                   agreement_failures=[list(b) for b in bad_agreement], input_factor=factor_rows)
     line = json.dumps(payload, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
     if args.json:
         with open(args.json, "w") as fh:

@@ -16,3 +16,5 @@ def test_bench_kfac_quick_runs_and_prints_ratios():
         assert r["ours_s"] > 0 and r["floor_s"] > 0 and r["ratio_floor"] > 0
         assert r["ratio_nngeo"] is None or r["ratio_nngeo"] > 0
     assert payload["agreement_failures"] == []
+    assert len(payload["input_factor"]) == 2 and "lags/patches" in out
+    assert all(r["patches_s"] > 0 and r["lags_s"] > 0 for r in payload["input_factor"])
