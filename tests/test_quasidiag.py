@@ -114,3 +114,33 @@ def test_statistics_two_halves_and_empty_loader():
     whole = FIM(model, loader_of(batches), PMatQuasiDiag)
     assert rel(PMatQuasiDiag.from_statistics(gen.layer_collection, s1 + s2, gen).to_torch(), whole.to_torch()) < 1e-12
     assert rel(PMatQuasiDiag.from_statistics(gen.layer_collection, s1, gen).to_torch(), whole.to_torch()) > 1e-3
+
+
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])
+@pytest.mark.parametrize("name", ["conv2d", "conv1d", "mixed_cnn"])
+def test_held_outputs_flush_per_chunk_and_example_chunks_add_up(name, vectorised, monkeypatch):
+    """The kernels receive a chunk's output gradients together (at most ``max_outputs``
+    of them, held as they came) and walk the examples in chunks (here one example at a
+    time): the oracle's numbers."""
+    from nngeo_dist.generator import capture, layers
+
+    model, batches, c = MODELS[name]()
+    capture._BACKWARD_CHOICE[model] = vectorised
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", 1)
+    seen = []
+
+    def spying(cls):
+        held = cls.quasidiag_held
+
+        def spy(self, mod, a, chunks, layer):
+            seen.append(sum(g.shape[0] for g in chunks))
+            return held(self, mod, a, chunks, layer)
+        monkeypatch.setattr(cls, "quasidiag_held", spy)
+
+    spying(layers.AffineMath)
+    spying(layers.ConvMath)
+    monkeypatch.setattr(layers, "fastest", lambda key, routes, device: routes["patches"]())
+    want = oracle.fim_dense(model, batches, variant_of(c)) * pattern(model)
+    got = FIM(model, loader_of(batches), PMatQuasiDiag, variant=variant_of(c), max_outputs=2, progress=False)
+    assert rel(got.to_torch(), want) < RTOL
+    assert seen and max(seen) == 2

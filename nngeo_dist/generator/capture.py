@@ -38,12 +38,16 @@ class Captured:
     """What one minibatch left: ``out`` (N, K) outputs, per-layer inputs and output grads.
 
     ``inputs[name]``: (N, *in); ``grads[name]``: (K, N, *out), output-function-major.
+    ``chunk_end``: whether these outputs close a chunk of at most ``max_outputs`` (a
+    consumer holding a chunk's gradients to read each input once for all of them knows
+    when to compute).
     """
 
     out: Tensor
     inputs: dict
     grads: dict
     k_total: int
+    chunk_end: bool = True
 
     @property
     def n(self) -> int:
@@ -240,7 +244,7 @@ class Capturer:
                 ks = range(k0, min(K, k0 + step))
                 for sub, grads in self._grads(out, tensors, ks, stream):
                     g = dict(zip(names, grads))
-                    yield sub, Captured(out.detach()[:, sub.start:sub.stop], rec.inputs, g, K)
+                    yield sub, Captured(out.detach()[:, sub.start:sub.stop], rec.inputs, g, K, sub.stop == ks.stop)
 
     def _grads(self, out, tensors, ks, stream) -> "Iterator[tuple[range, list]]":
         """(output slice, per-tensor gradients (len(slice), *shape)): ``ks`` at once, or

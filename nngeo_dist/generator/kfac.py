@@ -111,10 +111,17 @@ def quasidiag_spec(generator, names: Optional[Iterable[str]] = None) -> StatSpec
             layer.math.quasidiag_owner(layer)  # raises now for a layout it does not know
             init[f"qcross/{name}"] = generator._zeros(layer.weight_numel)
 
+    held = {name: [] for name, _, _ in layers}  # a chunk's output gradients, as they come
+
     def per_batch(cap, ks):
+        for name in held:
+            held[name].append(cap.grads[name])
+        if not cap.chunk_end:
+            return {}
         out = {}
         for name, layer, mod in layers:
-            d, c = layer.math.quasidiag(mod, cap.inputs[name], cap.grads[name], layer)
+            d, c = layer.math.quasidiag_held(mod, cap.inputs[name], held[name], layer)
+            held[name] = []
             out[f"qdiag/{name}"] = d
             if c is not None:
                 out[f"qcross/{name}"] = c

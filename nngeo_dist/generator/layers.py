@@ -158,6 +158,16 @@ def row_products(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return out
 
 
+#: examples per chunk of a per-output loop over patches: about this many bytes of patches,
+#: which stay in cache while every output's gradients are multiplied with them
+PATCH_CHUNK_BYTES = 2 << 20
+
+
+def _summed(parts: list) -> tuple:
+    """(diagonal, cross terms or None) pairs added up."""
+    return sum(p[0] for p in parts), (None if parts[0][1] is None else sum(p[1] for p in parts))
+
+
 def _write(out: Tensor, part: Tensor, accumulate: bool) -> None:
     if accumulate:
         out.add_(part)
@@ -222,6 +232,12 @@ class LayerMath:
         owner = self.quasidiag_owner(layer).to(pg.device)
         cross = (pg[..., :nw] * pg[..., nw:][..., owner]).sum(dim=(0, 1))
         return d, cross
+
+    def quasidiag_held(self, mod, a, chunks: list, layer) -> tuple[Tensor, Optional[Tensor]]:
+        """:meth:`quasidiag` summed over ``chunks``, a batch's output gradients held as
+        they came ((K_j, N, *out) each, not stacked): kernels that read a large input per
+        output override it to read the input once for all outputs."""
+        return _summed([self.quasidiag(mod, a, g, layer) for g in chunks])
 
     # KFAC (DESIGN.md §1): only layers whose block factors as A (x) G override these ----
     kfac_A_diagonal = False  # the input factor is stored as its diagonal (Embedding)
@@ -352,30 +368,43 @@ class AffineMath(LayerMath):
         return torch.cat([w, (q * q).sum(dim=(0, 1))])
 
     def quasidiag(self, mod, a, g, layer):
+        return self.quasidiag_held(mod, a, [g], layer)
+
+    def quasidiag_held(self, mod, a, chunks, layer):
         if self.weight_layout != "oi":
-            return super().quasidiag(mod, a, g, layer)
-        p, q = self.patches(mod, a), self.positions(mod, g)
+            return _summed([LayerMath.quasidiag(self, mod, a, g, layer) for g in chunks])
+        p = self.patches(mod, a)
         if p.shape[1] != 1:
-            # per-example gradients output by output, (N, i', o) each, the bias's as the
-            # last row (the faster orientation of the product when fan-in is small): no
-            # (K, N, o, i') temporary
-            i = p.shape[-1]
-            pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T)
-            d = q.new_zeros(pt.shape[1], q.shape[-1])
-            cross = q.new_zeros(i, q.shape[-1])
-            for k in range(q.shape[0]):
-                gw = torch.bmm(pt, q[k])
-                if layer.has_bias:
-                    cross += (gw[:, :i] * gw[:, i:]).sum(dim=0)
-                d += gw.square_().sum(dim=0)
-            diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
-            return diag, (cross.t().reshape(-1) if layer.has_bias else None)
+            return self._quasidiag_by_patches(mod, a, chunks, layer)
+        g = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         d = self.diag(mod, a, g)
         if not layer.has_bias:
             return d, None
-        p, q = p[:, 0], q[:, :, 0]
-        cross = (q * q).sum(0).t() @ p  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
+        q = self.positions(mod, g)[:, :, 0]
+        cross = (q * q).sum(0).t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
+
+    def _quasidiag_by_patches(self, mod, a, chunks, layer):
+        """QuasiDiag of a layer with several positions from per-example gradients (N, i',
+        o), the bias's as the last row (the faster orientation when fan-in is small), made
+        output by output (no (K, N, o, i') temporary) within chunks of examples whose
+        patches stay in cache while every output reads them."""
+        i = self.patches(mod, a).shape[-1]
+        pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T)
+        qs = [qk for g in chunks for qk in self.positions(mod, g)]  # (N, T, o) per output
+        N, o = pt.shape[0], qs[0].shape[-1]
+        d = pt.new_zeros(pt.shape[1], o)
+        cross = pt.new_zeros(i, o)
+        step = max(1, PATCH_CHUNK_BYTES // (pt[0].numel() * pt.element_size()))
+        for s in range(0, N, step):
+            p = pt[s:s + step]
+            for q in qs:
+                gw = torch.bmm(p, q[s:s + step])
+                if layer.has_bias:
+                    cross += (gw[:, :i] * gw[:, i:]).sum(dim=0)
+                d += gw.square_().sum(dim=0)
+        diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
+        return diag, (cross.t().reshape(-1) if layer.has_bias else None)
 
     # KFAC factors (sums; DESIGN.md §1) ----------------------------------------------------
     def kfac_dims(self, layer, name: str = "?") -> tuple[int, int]:
@@ -595,16 +624,20 @@ class ConvMath(AffineMath):
         if self.has_bias(mod):
             out[..., nw:].copy_(self.positions(mod, g).sum(dim=2))
 
-    def _squares_by_conv(self, mod, a, g, cross: bool):
+    def _squares_by_conv(self, mod, a, chunks: list, cross: bool):
         """Sums over k, n of the squared per-example gradients (weight (o, i), bias (o,))
-        and, with ``cross``, of the weight-bias products (o, i), output by output."""
+        and, with ``cross``, of the weight-bias products (o, i), output by output, from
+        output gradients in ``chunks`` ((K_j, N, *out) each)."""
         bias = self.has_bias(mod)
-        o = g.shape[2]
-        d = g.new_zeros(o, mod.weight.numel() // o)
-        d_bias = g.new_zeros(o) if bias else None
-        wb = g.new_zeros(d.shape) if cross else None
-        bias_grads = self.positions(mod, g).sum(dim=2) if bias else [None] * len(g)  # (K, N, o)
-        for gk, b in zip(g, bias_grads):
+        g0 = chunks[0]
+        o = g0.shape[2]
+        d = g0.new_zeros(o, mod.weight.numel() // o)
+        d_bias = g0.new_zeros(o) if bias else None
+        wb = g0.new_zeros(d.shape) if cross else None
+        per_output = [gk for g in chunks for gk in g]  # (N, o, *out) each
+        # (N, o) bias gradients per output
+        bias_grads = [gk.flatten(2).sum(dim=2) for gk in per_output] if bias else [None] * len(per_output)
+        for gk, b in zip(per_output, bias_grads):
             gw = self.weight_grads_by_conv(mod, a, gk)  # (N, o, i)
             if bias:
                 d_bias += (b * b).sum(dim=0)
@@ -617,12 +650,13 @@ class ConvMath(AffineMath):
     def diag(self, mod, a, g):
         return fastest(self._route_key("diag", mod, a, g),
                        {"patches": lambda: AffineMath.diag(self, mod, a, g),
-                        "conv": lambda: self._squares_by_conv(mod, a, g, cross=False)[0]}, a.device)
+                        "conv": lambda: self._squares_by_conv(mod, a, [g], cross=False)[0]}, a.device)
 
-    def quasidiag(self, mod, a, g, layer):
-        return fastest(self._route_key("quasidiag", mod, a, g),
-                       {"patches": lambda: AffineMath.quasidiag(self, mod, a, g, layer),
-                        "conv": lambda: self._squares_by_conv(mod, a, g, cross=layer.has_bias)}, a.device)
+    def quasidiag_held(self, mod, a, chunks, layer):
+        key = self._route_key("quasidiag", mod, a, chunks[0]) + (len(chunks),)
+        return fastest(key, {"patches": lambda: self._quasidiag_by_patches(mod, a, chunks, layer),
+                             "conv": lambda: self._squares_by_conv(mod, a, chunks, cross=layer.has_bias)},
+                       a.device)
 
     def kfac_A(self, mod, a):
         # with stride 1, the lags route reads the input instead of its patches and makes
