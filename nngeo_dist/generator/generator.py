@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import gram
-from .capture import Capturer, _check_finite
+from .capture import Capturer, HeldOutputs, _check_finite
 from .functional import FunctionalModel
 from .kfac import StatSpec, _selected, run_spec
 from .statistics import Statistics
@@ -121,9 +121,12 @@ class Generator:
         """sums: ``diag`` (d_names,) = sum_n sum_k J_k(x_n)^2 over the layers ``names``
         (default: all), in flat order."""
         layers = _selected(self, names)
+        held = HeldOutputs([n for n, _, _ in layers])
 
         def per_batch(cap, ks):
-            return {"diag": torch.cat([l.math.diag(m, cap.inputs[n], cap.grads[n]) for n, l, m in layers])}
+            if not held.add(cap):
+                return {}
+            return {"diag": torch.cat([l.math.diag_held(m, cap.inputs[n], held.take(n)) for n, l, m in layers])}
 
         return StatSpec({"diag": self._zeros(sum(l.numel() for _, l, _ in layers))}, per_batch)
 

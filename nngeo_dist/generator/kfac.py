@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from .capture import HeldOutputs
 from .statistics import Statistics
 
 
@@ -111,17 +112,14 @@ def quasidiag_spec(generator, names: Optional[Iterable[str]] = None) -> StatSpec
             layer.math.quasidiag_owner(layer)  # raises now for a layout it does not know
             init[f"qcross/{name}"] = generator._zeros(layer.weight_numel)
 
-    held = {name: [] for name, _, _ in layers}  # a chunk's output gradients, as they come
+    held = HeldOutputs([name for name, _, _ in layers])
 
     def per_batch(cap, ks):
-        for name in held:
-            held[name].append(cap.grads[name])
-        if not cap.chunk_end:
+        if not held.add(cap):
             return {}
         out = {}
         for name, layer, mod in layers:
-            d, c = layer.math.quasidiag_held(mod, cap.inputs[name], held[name], layer)
-            held[name] = []
+            d, c = layer.math.quasidiag_held(mod, cap.inputs[name], held.take(name), layer)
             out[f"qdiag/{name}"] = d
             if c is not None:
                 out[f"qcross/{name}"] = c

@@ -163,6 +163,11 @@ def row_products(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
 PATCH_CHUNK_BYTES = 2 << 20
 
 
+def _joined(chunks: list) -> Tensor:
+    """(K, N, *out) from a list of (K_j, N, *out) output chunks."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 def _summed(parts: list) -> tuple:
     """(diagonal, cross terms or None) pairs added up."""
     return sum(p[0] for p in parts), (None if parts[0][1] is None else sum(p[1] for p in parts))
@@ -232,6 +237,10 @@ class LayerMath:
         owner = self.quasidiag_owner(layer).to(pg.device)
         cross = (pg[..., :nw] * pg[..., nw:][..., owner]).sum(dim=(0, 1))
         return d, cross
+
+    def diag_held(self, mod, a, chunks: list) -> Tensor:
+        """:meth:`diag` summed over ``chunks`` (see :meth:`quasidiag_held`)."""
+        return sum(self.diag(mod, a, g) for g in chunks)
 
     def quasidiag_held(self, mod, a, chunks: list, layer) -> tuple[Tensor, Optional[Tensor]]:
         """:meth:`quasidiag` summed over ``chunks``, a batch's output gradients held as
@@ -358,10 +367,16 @@ class AffineMath(LayerMath):
             out[..., o * i:].copy_(q.sum(dim=2))
 
     def diag(self, mod, a, g):
-        p, q = self.patches(mod, a), self.positions(mod, g)
+        return self.diag_held(mod, a, [g])
+
+    def diag_held(self, mod, a, chunks):
+        if self.weight_layout != "oi":
+            return sum(LayerMath.diag(self, mod, a, g) for g in chunks)
+        p = self.patches(mod, a)
         if p.shape[1] != 1:  # several positions: squares of sums need the gradients
-            return _square_sum_rows(AffineMath.per_example_grads(self, mod, a, g))
-        p, q = p[:, 0], q[:, :, 0]
+            return self._squares_by_patches(mod, a, chunks, cross=False)[0]
+        q = self.positions(mod, _joined(chunks))[:, :, 0]
+        p = p[:, 0]
         w = self.oi_to_flat((q * q).sum(0).t() @ (p * p))
         if not self.has_bias(mod):
             return w
@@ -375,8 +390,8 @@ class AffineMath(LayerMath):
             return _summed([LayerMath.quasidiag(self, mod, a, g, layer) for g in chunks])
         p = self.patches(mod, a)
         if p.shape[1] != 1:
-            return self._quasidiag_by_patches(mod, a, chunks, layer)
-        g = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            return self._squares_by_patches(mod, a, chunks, cross=layer.has_bias)
+        g = _joined(chunks)
         d = self.diag(mod, a, g)
         if not layer.has_bias:
             return d, None
@@ -384,27 +399,31 @@ class AffineMath(LayerMath):
         cross = (q * q).sum(0).t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
 
-    def _quasidiag_by_patches(self, mod, a, chunks, layer):
-        """QuasiDiag of a layer with several positions from per-example gradients (N, i',
-        o), the bias's as the last row (the faster orientation when fan-in is small), made
-        output by output (no (K, N, o, i') temporary) within chunks of examples whose
-        patches stay in cache while every output reads them."""
+    def _squares_by_patches(self, mod, a, chunks: list, cross: bool):
+        """Sums over k, n of the squared per-example gradients (flat: weight, then bias)
+        and, with ``cross``, of the weight-bias products (o, i) flat, for a layer with
+        several positions, from output gradients in ``chunks`` ((K_j, N, *out) each).
+
+        Per-example gradients (N, i', o), the bias's as the last row (the faster
+        orientation when fan-in is small), are made output by output (no (K, N, o, i')
+        temporary), within chunks of examples whose patches stay in cache while every
+        output reads them."""
         i = self.patches(mod, a).shape[-1]
         pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T)
         qs = [qk for g in chunks for qk in self.positions(mod, g)]  # (N, T, o) per output
         N, o = pt.shape[0], qs[0].shape[-1]
         d = pt.new_zeros(pt.shape[1], o)
-        cross = pt.new_zeros(i, o)
+        wb = pt.new_zeros(i, o) if cross else None
         step = max(1, PATCH_CHUNK_BYTES // (pt[0].numel() * pt.element_size()))
         for s in range(0, N, step):
             p = pt[s:s + step]
             for q in qs:
                 gw = torch.bmm(p, q[s:s + step])
-                if layer.has_bias:
-                    cross += (gw[:, :i] * gw[:, i:]).sum(dim=0)
+                if cross:
+                    wb += (gw[:, :i] * gw[:, i:]).sum(dim=0)
                 d += gw.square_().sum(dim=0)
         diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
-        return diag, (cross.t().reshape(-1) if layer.has_bias else None)
+        return diag, (wb.t().reshape(-1) if cross else None)
 
     # KFAC factors (sums; DESIGN.md §1) ----------------------------------------------------
     def kfac_dims(self, layer, name: str = "?") -> tuple[int, int]:
@@ -647,16 +666,18 @@ class ConvMath(AffineMath):
         diag = d.reshape(-1) if not bias else torch.cat([d.reshape(-1), d_bias])
         return diag, (wb.reshape(-1) if cross else None)
 
-    def diag(self, mod, a, g):
-        return fastest(self._route_key("diag", mod, a, g),
-                       {"patches": lambda: AffineMath.diag(self, mod, a, g),
-                        "conv": lambda: self._squares_by_conv(mod, a, [g], cross=False)[0]}, a.device)
+    def _squares(self, kernel: str, mod, a, chunks: list, cross: bool):
+        """:meth:`_squares_by_patches` or :meth:`_squares_by_conv`, whichever is faster for
+        the layer's shapes."""
+        key = self._route_key(kernel, mod, a, chunks[0]) + (len(chunks),)
+        return fastest(key, {"patches": lambda: self._squares_by_patches(mod, a, chunks, cross),
+                             "conv": lambda: self._squares_by_conv(mod, a, chunks, cross)}, a.device)
+
+    def diag_held(self, mod, a, chunks):
+        return self._squares("diag", mod, a, chunks, cross=False)[0]
 
     def quasidiag_held(self, mod, a, chunks, layer):
-        key = self._route_key("quasidiag", mod, a, chunks[0]) + (len(chunks),)
-        return fastest(key, {"patches": lambda: self._quasidiag_by_patches(mod, a, chunks, layer),
-                             "conv": lambda: self._squares_by_conv(mod, a, chunks, cross=layer.has_bias)},
-                       a.device)
+        return self._squares("quasidiag", mod, a, chunks, cross=layer.has_bias)
 
     def kfac_A(self, mod, a):
         # with stride 1, the lags route reads the input instead of its patches and makes
@@ -816,6 +837,9 @@ class EmbeddingMath(AffineMath):
 
     def diag(self, mod, a, g):
         return self._squared_rows(mod, a, self.positions(mod, g)).reshape(-1)
+
+    def diag_held(self, mod, a, chunks):
+        return LayerMath.diag_held(self, mod, a, chunks)  # its own diag, chunk by chunk
 
     def gram_inputs(self, mod, a):
         return self._tokens(mod, a), 1
