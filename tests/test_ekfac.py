@@ -199,3 +199,21 @@ def test_output_chunks_give_the_same_matrix(name):
     ref = FIM(model, loader, PMatEKFAC, update_diag=True)
     chunked = FIM(model, loader, PMatEKFAC, update_diag=True, max_outputs=2)
     assert rel(chunked.to_torch(), ref.to_torch()) < RTOL
+
+
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "looped"])
+@pytest.mark.parametrize("name", ["conv2d", "conv1d", "conv2d_stride_pad"])
+def test_refit_from_held_outputs_in_example_chunks(name, vectorised, monkeypatch):
+    """The diagonal's pass holds a chunk's output gradients (max_outputs=2) and walks the
+    examples one at a time: still diag(U^T B_l U) of the oracle's blocks."""
+    from nngeo_dist.generator import capture, layers
+
+    model, batches, loader, variant = build(name)
+    capture._BACKWARD_CHOICE[model] = vectorised
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", 1)
+    E = FIM(model, loader, PMatEKFAC, variant=variant, max_outputs=2, update_diag=True)
+    B = oracle.fim_dense(model, batches, variant) * block_mask(E.layer_collection)
+    evecs, diags = E.data
+    for n, kfe in E.get_KFE().items():
+        s, m = E.layer_collection.p_pos[n], kfe.shape[0]
+        assert rel(diags[n].reshape(-1), torch.diagonal(kfe.t() @ B[s:s + m, s:s + m] @ kfe)) < RTOL

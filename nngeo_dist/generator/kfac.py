@@ -89,14 +89,18 @@ def kfe_diag_spec(generator, evecs: dict) -> StatSpec:
         init[f"kfe/{name}"] = generator._zeros(o, i)
 
     inputs = {}  # input-side projections, once per batch whatever the output chunking
+    held = HeldOutputs([name for name, _, _ in layers])
 
     def per_batch(cap, ks):
+        if ks.start == 0:
+            for name, layer, mod in layers:
+                inputs[name] = layer.math.kfe_inputs(mod, cap.inputs[name], evecs[name][0])
+        if not held.add(cap):
+            return {}
         out = {}
         for name, layer, mod in layers:
             ua, ug = evecs[name]
-            if ks.start == 0:
-                inputs[name] = layer.math.kfe_inputs(mod, cap.inputs[name], ua)
-            out[f"kfe/{name}"] = layer.math.kfe_diag(mod, cap.inputs[name], cap.grads[name], ua, ug, inputs[name])
+            out[f"kfe/{name}"] = layer.math.kfe_diag_held(mod, cap.inputs[name], held.take(name), ua, ug, inputs[name])
         return out
 
     return StatSpec(init, per_batch)

@@ -163,6 +163,30 @@ def row_products(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
 PATCH_CHUNK_BYTES = 2 << 20
 
 
+def _square_sums_by_example_chunks(pt: Tensor, qs: list, right: Optional[Tensor] = None,
+                                   cross_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Sums over outputs k and examples n of the squared products ``pt[n] q_k[n] right``:
+    ``pt`` (N, i', T) the inputs' side, ``qs`` one (N, T, o) per output, ``right`` (o, o)
+    or None. Returns (i', o) and, with ``cross_rows = i``, the sums of the products of
+    rows ``:i`` with row ``i`` (a bias's), (i, o).
+
+    The (N, i', o) products are made output by output (no (K, N, i', o) temporary),
+    within chunks of examples whose ``pt`` stays in cache while every output reads it."""
+    N, o = pt.shape[0], qs[0].shape[-1]
+    d = pt.new_zeros(pt.shape[1], o)
+    cross = None if cross_rows is None else pt.new_zeros(cross_rows, o)
+    step = max(1, PATCH_CHUNK_BYTES // (pt[0].numel() * pt.element_size()))
+    for s in range(0, N, step):
+        p = pt[s:s + step]
+        for q in qs:
+            q = q[s:s + step]
+            gw = torch.bmm(p, q if right is None else q @ right)
+            if cross is not None:
+                cross += (gw[:, :cross_rows] * gw[:, cross_rows:]).sum(dim=0)
+            d += gw.square_().sum(dim=0)
+    return d, cross
+
+
 def _joined(chunks: list) -> Tensor:
     """(K, N, *out) from a list of (K_j, N, *out) output chunks."""
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -274,6 +298,10 @@ class LayerMath:
 
     def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None) -> Tensor:
         raise self._no_kfac(f"a {type(mod).__name__} layer")
+
+    def kfe_diag_held(self, mod, a, chunks: list, evecs_a, evecs_g, inputs=None) -> Tensor:
+        """:meth:`kfe_diag` summed over ``chunks`` (see :meth:`quasidiag_held`)."""
+        return sum(self.kfe_diag(mod, a, g, evecs_a, evecs_g, inputs) for g in chunks)
 
     # Gram (NTK) contributions -------------------------------------------------------------
     def gram_features(self, mod, a, g, n_total: Optional[int] = None) -> tuple:
@@ -404,24 +432,12 @@ class AffineMath(LayerMath):
         and, with ``cross``, of the weight-bias products (o, i) flat, for a layer with
         several positions, from output gradients in ``chunks`` ((K_j, N, *out) each).
 
-        Per-example gradients (N, i', o), the bias's as the last row (the faster
-        orientation when fan-in is small), are made output by output (no (K, N, o, i')
-        temporary), within chunks of examples whose patches stay in cache while every
-        output reads them."""
+        From per-example gradients (N, i', o), the bias's as the last row (the faster
+        orientation when fan-in is small)."""
         i = self.patches(mod, a).shape[-1]
-        pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T)
+        pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T), the bias's row last
         qs = [qk for g in chunks for qk in self.positions(mod, g)]  # (N, T, o) per output
-        N, o = pt.shape[0], qs[0].shape[-1]
-        d = pt.new_zeros(pt.shape[1], o)
-        wb = pt.new_zeros(i, o) if cross else None
-        step = max(1, PATCH_CHUNK_BYTES // (pt[0].numel() * pt.element_size()))
-        for s in range(0, N, step):
-            p = pt[s:s + step]
-            for q in qs:
-                gw = torch.bmm(p, q[s:s + step])
-                if cross:
-                    wb += (gw[:, :i] * gw[:, i:]).sum(dim=0)
-                d += gw.square_().sum(dim=0)
+        d, wb = _square_sums_by_example_chunks(pt, qs, cross_rows=i if cross else None)
         diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
         return diag, (wb.t().reshape(-1) if cross else None)
 
@@ -487,19 +503,17 @@ class AffineMath(LayerMath):
         """(o, i') sum over k, n of squared per-example gradients in the Kronecker
         eigenbasis ``evecs_g (x) evecs_a`` (``evecs_a`` None: the identity); ``inputs``:
         :meth:`kfe_inputs` if already computed for this batch."""
+        return self.kfe_diag_held(mod, a, [g], evecs_a, evecs_g, inputs)
+
+    def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
         pk = self.kfe_inputs(mod, a, evecs_a) if inputs is None else inputs
-        q = self.positions(mod, g)  # (K, N, T, o)
-        K, N, T, o = q.shape
-        if T == 1:
-            return ((q[:, :, 0] @ evecs_g) ** 2).sum(0).t() @ (pk * pk)
-        # many positions: per output, one (i', T) x (T, o) product per example (the
-        # faster orientation when fan-in is small), squared in place and summed: no
-        # (K, N, o, i') temporary
-        out = q.new_zeros(pk.shape[1], o)
-        for k in range(K):
-            gw = torch.bmm(pk, q[k] @ evecs_g)  # (N, i', o)
-            out += gw.square_().sum(dim=0)
-        return out.t()
+        if pk.dim() == 2:  # one position
+            q = self.positions(mod, _joined(chunks))[:, :, 0]
+            return ((q @ evecs_g) ** 2).sum(0).t() @ (pk * pk)
+        # many positions: (i', T) x (T, o) products per example (the faster orientation
+        # when fan-in is small)
+        qs = [qk for g in chunks for qk in self.positions(mod, g)]
+        return _square_sums_by_example_chunks(pk, qs, right=evecs_g)[0].t()
 
     # Gram: choose per layer between per-example gradients and the pairwise form --------
     def gram_inputs(self, mod, a) -> tuple[Tensor, int]:
@@ -800,6 +814,9 @@ class EmbeddingMath(AffineMath):
         """(D, V). The input factor is diagonal, so its eigenbasis is the identity
         (``evecs_a`` is None): the squared rows of :meth:`diag`, in G's eigenbasis."""
         return self._squared_rows(mod, a, self.positions(mod, g) @ evecs_g).t()
+
+    def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
+        return LayerMath.kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs)
 
     # without one-hot patches: a batch touches few of the V rows -----------------------
     def _row_grads(self, mod, a, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
