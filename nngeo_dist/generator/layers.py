@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .patch_lags import patch_products
+from .patch_lags import WEIGHT_GRAD, pad_list, patch_products
 
 log = logging.getLogger("nngeo_dist.generator")
 
@@ -398,8 +398,6 @@ class AffineMath(LayerMath):
         return self.diag_held(mod, a, [g])
 
     def diag_held(self, mod, a, chunks):
-        if self.weight_layout != "oi":
-            return sum(LayerMath.diag(self, mod, a, g) for g in chunks)
         p = self.patches(mod, a)
         if p.shape[1] != 1:  # several positions: squares of sums need the gradients
             return self._squares_by_patches(mod, a, chunks, cross=False)[0]
@@ -577,23 +575,15 @@ class LinearMath(AffineMath):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
-_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
-
-
-def _conv_padding(mod, dims: int) -> list[int]:
-    """The module's padding as an ``F.pad`` list ((left, right) per spatial dim, last dim
-    first), torch's 'same' and 'valid' resolved."""
+def _conv_padding(mod, dims: int) -> list[tuple[int, int]]:
+    """The module's padding as (before, after) per spatial dim, torch's 'same' (the odd
+    one after) and 'valid' resolved."""
     ks, dil = mod.kernel_size, mod.dilation
     if mod.padding == "valid":
-        return [0] * (2 * dims)
-    pads = []
-    for d in reversed(range(dims)):
-        if mod.padding == "same":
-            total = dil[d] * (ks[d] - 1)
-            pads += [total // 2, total - total // 2]
-        else:
-            pads += [mod.padding[d]] * 2
-    return pads
+        return [(0, 0)] * dims
+    if mod.padding == "same":
+        return [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(ks, dil)]
+    return [(p, p) for p in mod.padding[:dims]]
 
 
 class ConvMath(AffineMath):
@@ -616,7 +606,7 @@ class ConvMath(AffineMath):
     def padded(self, mod, a: Tensor) -> Tensor:
         """The input with the module's zero padding applied (``'same'`` resolved)."""
         pads = _conv_padding(mod, self.dims)
-        return F.pad(a, pads) if any(pads) else a
+        return F.pad(a, pad_list(pads)) if any(map(any, pads)) else a
 
     def weight_grads_by_conv(self, mod, a: Tensor, gk: Tensor) -> Tensor:
         """(N, o, i) per-example weight gradients of one output function, gradients
@@ -625,7 +615,7 @@ class ConvMath(AffineMath):
         x = self.padded(mod, a)
         N, C = x.shape[:2]
         o = gk.shape[1]
-        weight_grad = _CONV_WEIGHT_GRAD[self.dims]
+        weight_grad = WEIGHT_GRAD[self.dims]
         gw = weight_grad(x.reshape(1, N * C, *x.shape[2:]), (N * o, C, *mod.kernel_size),
                          gk.reshape(1, N * o, *gk.shape[2:]), stride=mod.stride, padding=0,
                          dilation=mod.dilation, groups=N)
@@ -703,9 +693,7 @@ class ConvMath(AffineMath):
                         "lags": lambda: self._kfac_A_by_lags(mod, a)}, a.device)
 
     def _kfac_A_by_lags(self, mod, a):
-        pads = _conv_padding(mod, self.dims)
-        padding = [(pads[2 * (self.dims - 1 - d)], pads[2 * (self.dims - 1 - d) + 1]) for d in range(self.dims)]
-        return patch_products(a, mod.kernel_size, mod.dilation, padding, self.has_bias(mod))
+        return patch_products(a, mod.kernel_size, mod.dilation, _conv_padding(mod, self.dims), self.has_bias(mod))
 
     @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+#: the convolution's weight gradient, per number of spatial dims
+WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ def lag_plan(size: tuple, kernel_size: tuple, dilation: tuple, padding: tuple) -
     return LagPlan(tuple(regions), tuple(map(tuple, shapes.values())), inside, lag_index, out)
 
 
-def _pad_list(before, after) -> list:
-    """Per-dim amounts -> an ``F.pad`` list (last dim first)."""
-    return [p for d in reversed(range(len(before))) for p in (before[d], after[d])]
+def pad_list(pads) -> list:
+    """(before, after) per spatial dim -> an ``F.pad`` list (last dim first)."""
+    return [p for pair in reversed(list(pads)) for p in pair]
 
 
 def _slab(x: Tensor, box: tuple) -> Tensor:
@@ -99,7 +100,7 @@ def _window(x: Tensor, box: tuple, reach: list) -> Tensor:
     lo = [a - r for (a, _), r in zip(box, reach)]
     hi = [b + r for (_, b), r in zip(box, reach)]
     inner = _slab(x, tuple((max(l, 0), min(h, s)) for l, h, s in zip(lo, hi, size)))
-    return F.pad(inner, _pad_list([max(-l, 0) for l in lo], [max(h - s, 0) for h, s in zip(hi, size)]))
+    return F.pad(inner, pad_list([(max(-l, 0), max(h - s, 0)) for l, h, s in zip(lo, hi, size)]))
 
 
 def _lag_sums(x: Tensor, plan: LagPlan, reach: list, dilation: tuple) -> Tensor:
@@ -125,7 +126,7 @@ def _lag_sums(x: Tensor, plan: LagPlan, reach: list, dilation: tuple) -> Tensor:
             flip = dims == 2 and outs.shape[-1] < outs.shape[-2]  # the kernels prefer wide rows
             if flip:
                 ins, outs = ins.transpose(-1, -2), outs.transpose(-1, -2)
-            lag = _WEIGHT_GRAD[dims](ins, (m * C, C) + (lag_shape[::-1] if flip else lag_shape), outs,
+            lag = WEIGHT_GRAD[dims](ins, (m * C, C) + (lag_shape[::-1] if flip else lag_shape), outs,
                                      dilation=dilation[::-1] if flip else dilation, groups=m)
             if flip:
                 lag = lag.transpose(-1, -2)
@@ -152,9 +153,9 @@ def patch_products(x: Tensor, kernel_size: tuple, dilation: tuple, padding: tupl
         return A
     # sum over positions of each patch entry: the weight gradient of an all-ones output
     total = x.sum(dim=0, keepdim=True)
-    padded = F.pad(total, _pad_list([lo for lo, _ in padding], [hi for _, hi in padding]))
+    padded = F.pad(total, pad_list(padding))
     ones = x.new_ones((1, 1) + plan.out_size)
-    s = _WEIGHT_GRAD[x.dim() - 2](padded, (1, C, *kernel_size), ones, dilation=dilation).reshape(-1)
+    s = WEIGHT_GRAD[x.dim() - 2](padded, (1, C, *kernel_size), ones, dilation=dilation).reshape(-1)
     out = x.new_empty(C * U + 1, C * U + 1)
     out[:-1, :-1] = A
     out[-1, :-1] = s
