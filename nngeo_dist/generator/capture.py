@@ -54,26 +54,6 @@ class Captured:
         return self.out.shape[0]
 
 
-class HeldOutputs:
-    """Per layer, the output gradients of the current output chunk as they are delivered
-    (output by output when the backward loops): kernels that read a large input per
-    output take them together, once the chunk is complete."""
-
-    def __init__(self, names):
-        self.grads = {n: [] for n in names}
-
-    def add(self, cap: Captured) -> bool:
-        """Hold ``cap``'s gradients; whether its chunk is now complete."""
-        for n, held in self.grads.items():
-            held.append(cap.grads[n])
-        return cap.chunk_end
-
-    def take(self, name: str) -> list:
-        """The held (K_j, N, *out) gradients of layer ``name``, released."""
-        held, self.grads[name] = self.grads[name], []
-        return held
-
-
 class LayerRecorder:
     """Forward hooks on the collection's modules recording inputs and outputs.
 

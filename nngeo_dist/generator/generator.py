@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from . import gram
-from .capture import Capturer, HeldOutputs, _check_finite
+from .capture import Capturer, _check_finite
 from .functional import FunctionalModel
-from .kfac import StatSpec, _selected, run_spec
+from .kfac import StatSpec, _selected, per_output_chunk, run_spec
 from .statistics import Statistics
 
 log = logging.getLogger("nngeo_dist.generator")
@@ -121,14 +121,12 @@ class Generator:
         """sums: ``diag`` (d_names,) = sum_n sum_k J_k(x_n)^2 over the layers ``names``
         (default: all), in flat order."""
         layers = _selected(self, names)
-        held = HeldOutputs([n for n, _, _ in layers])
 
-        def per_batch(cap, ks):
-            if not held.add(cap):
-                return {}
-            return {"diag": torch.cat([l.math.diag_held(m, cap.inputs[n], held.take(n)) for n, l, m in layers])}
+        def compute(cap, held):
+            return {"diag": torch.cat([l.math.diag_held(m, cap.inputs[n], held[n]) for n, l, m in layers])}
 
-        return StatSpec({"diag": self._zeros(sum(l.numel() for _, l, _ in layers))}, per_batch)
+        init = {"diag": self._zeros(sum(l.numel() for _, l, _ in layers))}
+        return StatSpec(init, per_output_chunk([n for n, _, _ in layers], compute))
 
     def diag_statistics(self, loader) -> Statistics:
         """sums: ``diag`` (d,) = sum_n sum_k J_k(x_n)^2."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-from .capture import HeldOutputs
 from .statistics import Statistics
 
 
@@ -36,6 +35,26 @@ class StatSpec:
     init: dict
     per_batch: Callable
     symmetric: frozenset = field(default_factory=frozenset)
+
+
+def per_output_chunk(names, compute: Callable) -> Callable:
+    """A ``per_batch`` for kernels that read a large input once for a whole chunk of
+    outputs: it holds each layer's output gradients as the capturer delivers them (one
+    output at a time when the backward loops; references, no stacked copy) and, once
+    the chunk is complete (``Captured.chunk_end``), returns ``compute(cap, held)`` with
+    ``held[name]`` a list of (K_j, N, *out); before that, no sums."""
+    held = {n: [] for n in names}
+
+    def per_batch(cap, ks):
+        for n in names:
+            held[n].append(cap.grads[n])
+        if not cap.chunk_end:
+            return {}
+        chunk = {n: held[n] for n in names}
+        held.update((n, []) for n in names)
+        return compute(cap, chunk)
+
+    return per_batch
 
 
 def _selected(generator, names: Optional[Iterable[str]]):
@@ -89,19 +108,18 @@ def kfe_diag_spec(generator, evecs: dict) -> StatSpec:
         init[f"kfe/{name}"] = generator._zeros(o, i)
 
     inputs = {}  # input-side projections, once per batch whatever the output chunking
-    held = HeldOutputs([name for name, _, _ in layers])
+
+    def compute(cap, held):
+        return {f"kfe/{name}": layer.math.kfe_diag_held(mod, cap.inputs[name], held[name], *evecs[name], inputs[name])
+                for name, layer, mod in layers}
+
+    chunked = per_output_chunk([name for name, _, _ in layers], compute)
 
     def per_batch(cap, ks):
         if ks.start == 0:
             for name, layer, mod in layers:
                 inputs[name] = layer.math.kfe_inputs(mod, cap.inputs[name], evecs[name][0])
-        if not held.add(cap):
-            return {}
-        out = {}
-        for name, layer, mod in layers:
-            ua, ug = evecs[name]
-            out[f"kfe/{name}"] = layer.math.kfe_diag_held(mod, cap.inputs[name], held.take(name), ua, ug, inputs[name])
-        return out
+        return chunked(cap, ks)
 
     return StatSpec(init, per_batch)
 
@@ -116,20 +134,16 @@ def quasidiag_spec(generator, names: Optional[Iterable[str]] = None) -> StatSpec
             layer.math.quasidiag_owner(layer)  # raises now for a layout it does not know
             init[f"qcross/{name}"] = generator._zeros(layer.weight_numel)
 
-    held = HeldOutputs([name for name, _, _ in layers])
-
-    def per_batch(cap, ks):
-        if not held.add(cap):
-            return {}
+    def compute(cap, held):
         out = {}
         for name, layer, mod in layers:
-            d, c = layer.math.quasidiag_held(mod, cap.inputs[name], held.take(name), layer)
+            d, c = layer.math.quasidiag_held(mod, cap.inputs[name], held[name], layer)
             out[f"qdiag/{name}"] = d
             if c is not None:
                 out[f"qcross/{name}"] = c
         return out
 
-    return StatSpec(init, per_batch)
+    return StatSpec(init, per_output_chunk([name for name, _, _ in layers], compute))
 
 
 # ----------------------------------------------------------------------------- merging
@@ -191,6 +205,6 @@ def quasidiag_statistics(generator, loader) -> Statistics:
 
 
 __all__ = [
-    "StatSpec", "kfac_spec", "kfe_diag_spec", "quasidiag_spec", "merge_specs", "run_spec",
+    "StatSpec", "kfac_spec", "kfe_diag_spec", "quasidiag_spec", "merge_specs", "per_output_chunk", "run_spec",
     "split_statistics", "kfac_statistics", "kfe_diag_statistics", "quasidiag_statistics",
 ]

@@ -192,11 +192,6 @@ def _joined(chunks: list) -> Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _summed(parts: list) -> tuple:
-    """(diagonal, cross terms or None) pairs added up."""
-    return sum(p[0] for p in parts), (None if parts[0][1] is None else sum(p[1] for p in parts))
-
-
 def _write(out: Tensor, part: Tensor, accumulate: bool) -> None:
     if accumulate:
         out.add_(part)
@@ -223,9 +218,16 @@ class LayerMath:
         out.copy_(self.per_example_grads(mod, a, g))
 
     # statistics derived from per-example gradients ---------------------------------------
+    # Diag, QuasiDiag and EKFAC's diagonal take the output gradients of a chunk of outputs
+    # held as they came (``chunks``: (K_j, N, *out) each, not stacked), so that a kernel
+    # reading a large input per output reads it once for all of them: subclasses override
+    # the ``*_held`` kernels; the forms taking one (K, N, *out) tensor call them.
     def diag(self, mod, a, g) -> Tensor:
         """(numel,) sum over k, n of squared per-example gradients."""
-        return _square_sum_rows(self.per_example_grads(mod, a, g))
+        return self.diag_held(mod, a, [g])
+
+    def diag_held(self, mod, a, chunks: list) -> Tensor:
+        return sum(_square_sum_rows(self.per_example_grads(mod, a, g)) for g in chunks)
 
     def block(self, mod, a, g) -> Tensor:
         """(numel, numel) sum over k, n of outer products of per-example gradients."""
@@ -253,24 +255,19 @@ class LayerMath:
     def quasidiag(self, mod, a, g, layer) -> tuple[Tensor, Optional[Tensor]]:
         """Diagonal (numel,) and, for a layer with a bias, the cross terms (numel_w,) in the
         weight's flat order: sum over k, n of d_{w} * d_{b[owner(w)]} (None without bias)."""
-        if not layer.has_bias:
-            return self.diag(mod, a, g), None
-        pg = self.per_example_grads(mod, a, g)
-        d = _square_sum_rows(pg)
-        nw = layer.weight_numel
-        owner = self.quasidiag_owner(layer).to(pg.device)
-        cross = (pg[..., :nw] * pg[..., nw:][..., owner]).sum(dim=(0, 1))
-        return d, cross
-
-    def diag_held(self, mod, a, chunks: list) -> Tensor:
-        """:meth:`diag` summed over ``chunks`` (see :meth:`quasidiag_held`)."""
-        return sum(self.diag(mod, a, g) for g in chunks)
+        return self.quasidiag_held(mod, a, [g], layer)
 
     def quasidiag_held(self, mod, a, chunks: list, layer) -> tuple[Tensor, Optional[Tensor]]:
-        """:meth:`quasidiag` summed over ``chunks``, a batch's output gradients held as
-        they came ((K_j, N, *out) each, not stacked): kernels that read a large input per
-        output override it to read the input once for all outputs."""
-        return _summed([self.quasidiag(mod, a, g, layer) for g in chunks])
+        if not layer.has_bias:
+            return self.diag_held(mod, a, chunks), None
+        nw = layer.weight_numel
+        owner = self.quasidiag_owner(layer).to(chunks[0].device)
+        d = cross = 0
+        for g in chunks:
+            pg = self.per_example_grads(mod, a, g)
+            d = d + _square_sum_rows(pg)
+            cross = cross + (pg[..., :nw] * pg[..., nw:][..., owner]).sum(dim=(0, 1))
+        return d, cross
 
     # KFAC (DESIGN.md §1): only layers whose block factors as A (x) G override these ----
     kfac_A_diagonal = False  # the input factor is stored as its diagonal (Embedding)
@@ -297,11 +294,13 @@ class LayerMath:
         raise self._no_kfac(f"a {type(mod).__name__} layer")
 
     def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None) -> Tensor:
-        raise self._no_kfac(f"a {type(mod).__name__} layer")
+        """(o, i') sum over k, n of squared per-example gradients in the Kronecker
+        eigenbasis ``evecs_g (x) evecs_a`` (``evecs_a`` None: the identity); ``inputs``:
+        :meth:`kfe_inputs` if already computed for this batch."""
+        return self.kfe_diag_held(mod, a, [g], evecs_a, evecs_g, inputs)
 
     def kfe_diag_held(self, mod, a, chunks: list, evecs_a, evecs_g, inputs=None) -> Tensor:
-        """:meth:`kfe_diag` summed over ``chunks`` (see :meth:`quasidiag_held`)."""
-        return sum(self.kfe_diag(mod, a, g, evecs_a, evecs_g, inputs) for g in chunks)
+        raise self._no_kfac(f"a {type(mod).__name__} layer")
 
     # Gram (NTK) contributions -------------------------------------------------------------
     def gram_features(self, mod, a, g, n_total: Optional[int] = None) -> tuple:
@@ -394,9 +393,6 @@ class AffineMath(LayerMath):
         if self.has_bias(mod):
             out[..., o * i:].copy_(q.sum(dim=2))
 
-    def diag(self, mod, a, g):
-        return self.diag_held(mod, a, [g])
-
     def diag_held(self, mod, a, chunks):
         p = self.patches(mod, a)
         if p.shape[1] != 1:  # several positions: squares of sums need the gradients
@@ -408,20 +404,16 @@ class AffineMath(LayerMath):
             return w
         return torch.cat([w, (q * q).sum(dim=(0, 1))])
 
-    def quasidiag(self, mod, a, g, layer):
-        return self.quasidiag_held(mod, a, [g], layer)
-
     def quasidiag_held(self, mod, a, chunks, layer):
         if self.weight_layout != "oi":
-            return _summed([LayerMath.quasidiag(self, mod, a, g, layer) for g in chunks])
+            return LayerMath.quasidiag_held(self, mod, a, chunks, layer)
         p = self.patches(mod, a)
         if p.shape[1] != 1:
             return self._squares_by_patches(mod, a, chunks, cross=layer.has_bias)
-        g = _joined(chunks)
-        d = self.diag(mod, a, g)
+        d = self.diag_held(mod, a, chunks)
         if not layer.has_bias:
             return d, None
-        q = self.positions(mod, g)[:, :, 0]
+        q = self.positions(mod, _joined(chunks))[:, :, 0]
         cross = (q * q).sum(0).t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
 
@@ -496,12 +488,6 @@ class AffineMath(LayerMath):
             return p if evecs_a is None else p @ evecs_a
         pt = p.transpose(1, 2)  # (N, i', T)
         return pt if evecs_a is None else evecs_a.t() @ pt
-
-    def kfe_diag(self, mod, a, g, evecs_a: Optional[Tensor], evecs_g: Tensor, inputs: Optional[Tensor] = None) -> Tensor:
-        """(o, i') sum over k, n of squared per-example gradients in the Kronecker
-        eigenbasis ``evecs_g (x) evecs_a`` (``evecs_a`` None: the identity); ``inputs``:
-        :meth:`kfe_inputs` if already computed for this batch."""
-        return self.kfe_diag_held(mod, a, [g], evecs_a, evecs_g, inputs)
 
     def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
         pk = self.kfe_inputs(mod, a, evecs_a) if inputs is None else inputs
@@ -798,13 +784,10 @@ class EmbeddingMath(AffineMath):
     def kfe_inputs(self, mod, a, evecs_a):
         return None  # the tokens are read from ``a`` directly
 
-    def kfe_diag(self, mod, a, g, evecs_a, evecs_g, inputs=None):
+    def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
         """(D, V). The input factor is diagonal, so its eigenbasis is the identity
         (``evecs_a`` is None): the squared rows of :meth:`diag`, in G's eigenbasis."""
-        return self._squared_rows(mod, a, self.positions(mod, g) @ evecs_g).t()
-
-    def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
-        return LayerMath.kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs)
+        return sum(self._squared_rows(mod, a, self.positions(mod, g) @ evecs_g) for g in chunks).t()
 
     # without one-hot patches: a batch touches few of the V rows -----------------------
     def _row_grads(self, mod, a, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -840,11 +823,8 @@ class EmbeddingMath(AffineMath):
         w.zero_()
         w[:, n, v] = rows  # the (n, v) pairs are distinct
 
-    def diag(self, mod, a, g):
-        return self._squared_rows(mod, a, self.positions(mod, g)).reshape(-1)
-
     def diag_held(self, mod, a, chunks):
-        return LayerMath.diag_held(self, mod, a, chunks)  # its own diag, chunk by chunk
+        return sum(self._squared_rows(mod, a, self.positions(mod, g)) for g in chunks).reshape(-1)
 
     def gram_inputs(self, mod, a):
         return self._tokens(mod, a), 1
