@@ -49,7 +49,6 @@ change the exit code). The last line is ``BENCH_JSON {...}`` (also ``--json PATH
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -152,16 +151,6 @@ def _timed(fn):
     return _clock() - t0, out
 
 
-@contextlib.contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def run_ours(quantity, model, loader):
     from nngeo_dist import FIM
     from nngeo_dist.object import PMatEKFAC, PMatKFAC, PMatQuasiDiag
@@ -178,10 +167,9 @@ def run_nngeo(quantity, model, loader):
     import nngeometry.object as no
 
     cls = {"kfac": no.PMatKFAC, "ekfac": no.PMatEKFAC, "quasidiag": no.PMatQuasiDiag}[quantity]
-    with default_dtype(torch.float32):
-        F = nm.FIM(model=model, loader=loader, representation=cls)
-        if quantity == "ekfac":
-            F.update_diag(loader)
+    F = nm.FIM(model=model, loader=loader, representation=cls)
+    if quantity == "ekfac":
+        F.update_diag(loader)
     return F
 
 
