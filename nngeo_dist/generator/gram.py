@@ -141,4 +141,4 @@ def _diagonal(maths: dict, f: dict, out: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["ROW_TILE", "take", "cells", "extent", "pair_into", "block", "symmetric"]
+__all__ = ["ROW_TILE", "take", "cells", "extent", "input_pairs", "pair_into", "block", "symmetric"]
