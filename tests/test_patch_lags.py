@@ -1,4 +1,6 @@
-"""KFAC's input factor of a stride-1 convolution from lags (nngeo_dist.generator.patch_lags).
+"""A convolution's patches: KFAC's input factor of a stride-1 convolution from lags
+(nngeo_dist.generator.patch_lags), and the patches themselves in both layouts the kernels
+read (the batch's columns, and chunks of examples built into one reused buffer).
 
 Oracle: the patches built here with ``F.pad`` + ``F.unfold`` (torch's own im2col, no code
 of ours), A = sum over examples and positions of p p^T; and, end to end, nngeometry 0.4's
@@ -31,18 +33,26 @@ def torch_padding(conv) -> list:
     return [(p, p) for p in conv.padding]
 
 
-def unfolded_products(conv, x, bias: bool) -> torch.Tensor:
-    """sum_n sum_t p p^T from torch's unfold (1-d convolutions as 2-d with height 1)."""
+def unfolded_patches(conv, x, bias: bool) -> torch.Tensor:
+    """(N, T, i') patches from torch's unfold (1-d convolutions as 2-d with height 1),
+    a trailing 1 for a bias."""
     pads = torch_padding(conv)
     flat = [p for lo_hi in reversed(pads) for p in lo_hi]
     xp = F.pad(x, flat)
     if x.dim() == 3:
-        xp, k, dl = xp[:, :, None], (1, conv.kernel_size[0]), (1, conv.dilation[0])
+        xp, k, dl, st = xp[:, :, None], (1, conv.kernel_size[0]), (1, conv.dilation[0]), (1, conv.stride[0])
     else:
-        k, dl = conv.kernel_size, conv.dilation
-    p = F.unfold(xp, k, dilation=dl).transpose(1, 2).reshape(-1, conv.weight[0].numel())
+        k, dl, st = conv.kernel_size, conv.dilation, conv.stride
+    p = F.unfold(xp, k, dilation=dl, stride=st).transpose(1, 2)
     if bias:
-        p = torch.cat([p, torch.ones(p.shape[0], 1, dtype=p.dtype)], dim=1)
+        p = torch.cat([p, torch.ones(*p.shape[:2], 1, dtype=p.dtype)], dim=2)
+    return p
+
+
+def unfolded_products(conv, x, bias: bool) -> torch.Tensor:
+    """sum_n sum_t p p^T of :func:`unfolded_patches`."""
+    p = unfolded_patches(conv, x, bias)
+    p = p.reshape(-1, p.shape[-1])
     return p.t() @ p
 
 
@@ -97,3 +107,25 @@ def test_kfac_on_each_route_matches_nngeometry(name, route, monkeypatch, f64):
     variant = variant_of(c)
     ours = FIM(model, loader, PMatKFAC, variant=variant, progress=False).to_torch()
     assert rel(ours, nngeometry_fim(model, loader, "PMatKFAC", variant).to_torch()) < 1e-10
+
+
+STRIDED = [nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(3, 4, (3, 2), stride=(2, 3), dilation=2),
+           nn.Conv1d(3, 4, 3, stride=2, padding=2)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1000, 1 << 30])
+@pytest.mark.parametrize("conv", CONVS + STRIDED, ids=repr)
+def test_patch_chunks_and_columns_equal_torch_unfold(conv, chunk_bytes, monkeypatch):
+    """Both layouts of a convolution's patches, the whole batch's columns (i', N, T) and
+    the chunks of examples built into one reused buffer (n_s, i', T), against unfold."""
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", chunk_bytes)
+    conv = conv.double()
+    math = layers.layer_math_for(type(conv).__name__)
+    x = torch.randn(7, 3, *([10, 9][: conv.weight.dim() - 2]), dtype=torch.float64)
+    want = unfolded_patches(conv, x, bias=True)  # (N, T, i')
+    assert torch.equal(math.patch_columns(conv, x).permute(1, 2, 0), want)
+    covered = []
+    for sl, p in math.patch_chunks(conv, x):
+        assert torch.equal(p, want[sl].transpose(1, 2))  # checked now: the buffer is reused
+        covered += range(x.shape[0])[sl]
+    assert covered == list(range(x.shape[0]))

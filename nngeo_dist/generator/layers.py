@@ -25,7 +25,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -163,23 +163,37 @@ def row_products(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
 PATCH_CHUNK_BYTES = 2 << 20
 
 
-def _square_sums_by_example_chunks(pt: Tensor, qs: list, right: Optional[Tensor] = None,
-                                   cross_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Sums over outputs k and examples n of the squared products ``pt[n] q_k[n] right``:
-    ``pt`` (N, i', T) the inputs' side, ``qs`` one (N, T, o) per output, ``right`` (o, o)
-    or None. Returns (i', o) and, with ``cross_rows = i``, the sums of the products of
-    rows ``:i`` with row ``i`` (a bias's), (i, o).
+def chunk_step(example_bytes: int) -> int:
+    """Examples per chunk of about :data:`PATCH_CHUNK_BYTES`."""
+    return max(1, PATCH_CHUNK_BYTES // max(1, example_bytes))
 
-    The (N, i', o) products are made output by output (no (K, N, i', o) temporary),
-    within chunks of examples whose ``pt`` stays in cache while every output reads it."""
-    N, o = pt.shape[0], qs[0].shape[-1]
-    d = pt.new_zeros(pt.shape[1], o)
-    cross = None if cross_rows is None else pt.new_zeros(cross_rows, o)
-    step = max(1, PATCH_CHUNK_BYTES // (pt[0].numel() * pt.element_size()))
-    for s in range(0, N, step):
-        p = pt[s:s + step]
+
+def example_chunks(x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(examples, x[examples]) over chunks of the leading dim of ``x`` of about
+    :data:`PATCH_CHUNK_BYTES` each."""
+    step = chunk_step(x[0].numel() * x.element_size())
+    for s in range(0, x.shape[0], step):
+        sl = slice(s, min(x.shape[0], s + step))
+        yield sl, x[sl]
+
+
+def _square_sums_by_example_chunks(pieces, qs: list, right: Optional[Tensor] = None,
+                                   cross_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Sums over outputs k and examples n of the squared products ``p[n] q_k[n] right``:
+    ``pieces`` yields (examples, p) with p (n_s, i', T) the inputs' side of a chunk of
+    examples, ``qs`` one (N, T, o) per output, ``right`` (o, o) or None. Returns (i', o)
+    and, with ``cross_rows = i``, the sums of the products of rows ``:i`` with row ``i``
+    (a bias's), (i, o).
+
+    The (n_s, i', o) products are made output by output (no (K, N, i', o) temporary),
+    while a chunk's ``p`` stays in cache for every output to read."""
+    d = cross = None
+    for sl, p in pieces:
+        if d is None:
+            d = p.new_zeros(p.shape[1], qs[0].shape[-1])
+            cross = None if cross_rows is None else p.new_zeros(cross_rows, d.shape[1])
         for q in qs:
-            q = q[s:s + step]
+            q = q[sl]
             gw = torch.bmm(p, q if right is None else q @ right)
             if cross is not None:
                 cross += (gw[:, :cross_rows] * gw[:, cross_rows:]).sum(dim=0)
@@ -417,6 +431,13 @@ class AffineMath(LayerMath):
         cross = (q * q).sum(0).t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
 
+    def patch_chunks(self, mod, a: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """(examples, (n_s, i', T) patches with a trailing 1 for a bias, transposed) over
+        chunks of about :data:`PATCH_CHUNK_BYTES` of the batch's examples: the inputs'
+        side of per-example products made chunk by chunk. A chunk may be overwritten by
+        the next: use it before drawing another."""
+        return example_chunks(self.patches_with_ones(mod, a).transpose(1, 2))
+
     def _squares_by_patches(self, mod, a, chunks: list, cross: bool):
         """Sums over k, n of the squared per-example gradients (flat: weight, then bias)
         and, with ``cross``, of the weight-bias products (o, i) flat, for a layer with
@@ -424,10 +445,9 @@ class AffineMath(LayerMath):
 
         From per-example gradients (N, i', o), the bias's as the last row (the faster
         orientation when fan-in is small)."""
-        i = self.patches(mod, a).shape[-1]
-        pt = self.patches_with_ones(mod, a).transpose(1, 2)  # (N, i', T), the bias's row last
+        i = mod.weight.numel() // mod.weight.shape[0]
         qs = [qk for g in chunks for qk in self.positions(mod, g)]  # (N, T, o) per output
-        d, wb = _square_sums_by_example_chunks(pt, qs, cross_rows=i if cross else None)
+        d, wb = _square_sums_by_example_chunks(self.patch_chunks(mod, a), qs, cross_rows=i if cross else None)
         diag = torch.cat([d[:i].t().reshape(-1), d[i:].reshape(-1)])
         return diag, (wb.t().reshape(-1) if cross else None)
 
@@ -497,7 +517,7 @@ class AffineMath(LayerMath):
         # many positions: (i', T) x (T, o) products per example (the faster orientation
         # when fan-in is small)
         qs = [qk for g in chunks for qk in self.positions(mod, g)]
-        return _square_sums_by_example_chunks(pk, qs, right=evecs_g)[0].t()
+        return _square_sums_by_example_chunks(example_chunks(pk), qs, right=evecs_g)[0].t()
 
     # Gram: choose per layer between per-example gradients and the pairwise form --------
     def gram_inputs(self, mod, a) -> tuple[Tensor, int]:
@@ -681,6 +701,19 @@ class ConvMath(AffineMath):
     def _kfac_A_by_lags(self, mod, a):
         return patch_products(a, mod.kernel_size, mod.dilation, _conv_padding(mod, self.dims), self.has_bias(mod))
 
+    def _out_size(self, mod, x: Tensor) -> list:
+        """The output's spatial size for the padded input ``x`` (N, C, *spatial)."""
+        ks, st, dil = mod.kernel_size, mod.stride, mod.dilation
+        return [(x.shape[2 + d] - dil[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(self.dims)]
+
+    def _windows(self, mod, x: Tensor, size: list) -> Iterator[tuple[tuple, Tensor]]:
+        """Per kernel offset: (offset, the (N, C, *size) view of the padded input ``x`` it
+        reads at every output position). The patches are these views, one per offset."""
+        for off in itertools.product(*(range(k) for k in mod.kernel_size)):
+            window = tuple(slice(o * dl, o * dl + (n - 1) * s + 1, s)
+                           for o, dl, n, s in zip(off, mod.dilation, size, mod.stride))
+            yield off, x[(slice(None), slice(None), *window)]
+
     @per_input
     def patch_columns(self, mod, a: Tensor) -> Tensor:
         """(i', N, T) input patches, i = C * prod(kernel) in the weight's (C, *kernel)
@@ -689,19 +722,35 @@ class ConvMath(AffineMath):
         batch are one (i', N T) matrix."""
         a = self.padded(mod, a)
         N, C = a.shape[:2]
-        ks, st, dil = mod.kernel_size, mod.stride, mod.dilation
-        size = [(a.shape[2 + d] - dil[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(self.dims)]
-        i, T = C * _prod(ks), _prod(size)
-        bias = self.has_bias(mod)
+        size = self._out_size(mod, a)
+        i, T, bias = C * _prod(mod.kernel_size), _prod(size), self.has_bias(mod)
         cols = a.new_empty((i + bias, N, T))
-        taps = cols[:i].view(C, *ks, N, *size)
-        src = a.transpose(0, 1)  # (C, N, *spatial)
-        for off in itertools.product(*(range(k) for k in ks)):
-            window = tuple(slice(o * dl, o * dl + (n - 1) * s + 1, s) for o, dl, n, s in zip(off, dil, size, st))
-            taps[(slice(None), *off)].copy_(src[(slice(None), slice(None), *window)])
+        taps = cols[:i].view(C, *mod.kernel_size, N, *size)
+        for off, w in self._windows(mod, a, size):
+            taps[(slice(None), *off)].copy_(w.transpose(0, 1))
         if bias:
             cols[i].fill_(1)
         return cols
+
+    def patch_chunks(self, mod, a):
+        # Each chunk is built from the input into one buffer, contiguous per example: the
+        # batch's patches (k^d times the input) are never held, the buffer stays in
+        # cache, and batched products read this layout faster than strided columns.
+        x = self.padded(mod, a)
+        N, C = x.shape[:2]
+        size = self._out_size(mod, x)
+        i, T, bias = C * _prod(mod.kernel_size), _prod(size), self.has_bias(mod)
+        step = chunk_step((i + bias) * T * x.element_size())
+        buf = x.new_empty((min(step, N), i + bias, T))
+        if bias:
+            buf[:, i].fill_(1)
+        for s in range(0, N, step):
+            sl = slice(s, min(N, s + step))
+            p = buf[: sl.stop - s]
+            taps = p[:, :i].view(p.shape[0], C, *mod.kernel_size, *size)
+            for off, w in self._windows(mod, x[sl], size):
+                taps[(slice(None), slice(None), *off)].copy_(w)
+            yield sl, p
 
     def patches(self, mod, a):
         cols = self.patch_columns(mod, a)
