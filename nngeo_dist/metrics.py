@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .generator import Generator, default_function
+from .generator import Generator, default_function, is_empty_batch, no_example_error
 from .generator.variants import fim_root, monte_carlo_root
 from .object import FMatDense, PushForwardDense
 
@@ -28,7 +28,7 @@ def _check_loader(loader, group=None) -> None:
         return
     try:
         if len(loader) == 0:
-            raise ValueError("the loader is empty: pass a DataLoader that yields at least one batch")
+            raise no_example_error()
     except TypeError:  # an iterable without len
         pass
 
@@ -210,12 +210,12 @@ def _gen_kw(kw: dict) -> dict:
 
 def _check_n_output_matches(gen, n_output, variant, model, function, loader) -> None:
     """``n_output`` describes the model's outputs (c), not the FIM root's: checked on the
-    first batch of the wrapped function."""
+    first non-empty batch of the wrapped function."""
     if n_output is None:
         return
     f = function or default_function(model)
-    batch = next(iter(loader), None)
-    if batch is None:  # an empty shard of a group
+    batch = next((b for b in loader if not is_empty_batch(b)), None)
+    if batch is None:  # an empty shard of a group (one process: the build raises)
         return
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)

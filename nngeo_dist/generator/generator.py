@@ -27,6 +27,21 @@ def _to_device(batch, device) -> tuple:
     return tuple(t.to(device) if isinstance(t, Tensor) else t for t in batch)
 
 
+def batch_examples(batch) -> Optional[int]:
+    """The number of examples of a batch as a loader yields it (a tensor, or a sequence
+    whose tensors are example-major): the leading dimension of its first tensor with one;
+    None when it holds none (then only the forward pass tells)."""
+    for t in (batch,) if isinstance(batch, Tensor) else batch:
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    return None
+
+
+def is_empty_batch(batch) -> bool:
+    """Whether a batch holds no example (it must then contribute nothing, as if absent)."""
+    return batch_examples(batch) == 0
+
+
 def default_function(model: nn.Module) -> Callable:
     def function(*batch):
         return model(batch[0])
@@ -68,6 +83,11 @@ class Generator:
 
     # iteration ------------------------------------------------------------------------
     def batches(self, loader: Iterable, desc: str = "") -> Iterable[tuple]:
+        """Every non-empty batch of ``loader`` as a tuple of tensors on the model's device.
+
+        A batch of 0 examples (see :func:`batch_examples`) is skipped, exactly as if the
+        loader had not yielded it: per-layer kernels cannot reshape 0 examples, and it
+        adds nothing to any sum. A loader of only such batches is an empty loader."""
         it = loader
         if self.progress or (self.progress is None and _is_rank0()):
             try:
@@ -78,7 +98,8 @@ class Generator:
             except ImportError:  # pragma: no cover
                 pass
         for batch in it:
-            yield _to_device(batch, self.device)
+            if not is_empty_batch(batch):
+                yield _to_device(batch, self.device)
 
     def _check_n_output(self, K: int) -> None:
         if self.n_output is not None and self.n_output != K:

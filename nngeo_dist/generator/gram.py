@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .statistics import no_example_error
+
 #: rows (output, example pairs) per product when a symmetric Gram is tiled: narrow enough
 #: that the skipped lower blocks are about half of the matrix, wide enough that each
 #: product runs near the machine's matmul rate
@@ -46,7 +48,7 @@ def cells(feats: list) -> list:
     """[(output slice, example slice, {layer: features})] of per-batch features: one
     rectangle of the Gram's rows per batch and chunk of outputs (never copied into one)."""
     if not feats:
-        raise ValueError("no example was seen: the loader is empty")
+        raise no_example_error()
     out, e0 = [], 0
     for n_b, chunks in feats:
         k0 = 0

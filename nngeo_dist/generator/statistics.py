@@ -15,6 +15,15 @@ import torch
 from torch import Tensor
 
 
+def no_example_error() -> ValueError:
+    """The one error for a computation that saw no example, whichever quantity it is: the
+    loader yields no batch, or only batches of 0 examples (in a group: on every rank)."""
+    return ValueError(
+        "no example was seen: the loader (or every rank's shard) is empty or yields only "
+        "batches of 0 examples; pass a loader that yields at least one example"
+    )
+
+
 @dataclass
 class Statistics:
     """Named sums over examples and the example count.
@@ -60,10 +69,7 @@ class Statistics:
     def mean(self, name: str) -> Tensor:
         """The sum ``name`` divided by the example count."""
         if self.count == 0:
-            raise ValueError(
-                "no example was seen: the loader (or every rank's shard) is empty; "
-                "pass a loader that yields at least one batch"
-            )
+            raise no_example_error()
         return self.sums[name] / self.count
 
     def to(self, device: Optional[torch.device] = None, dtype=None) -> "Statistics":

@@ -51,7 +51,9 @@ from .groupops import (
     refuse_store,
 )
 from .vector import FVector
+from ..generator.generator import is_empty_batch
 from ..generator.gram import extent as gram_extent
+from ..generator.statistics import no_example_error
 
 log = logging.getLogger("nngeo_dist.object")
 
@@ -185,13 +187,17 @@ def make_fvector(local: Tensor, group, layout: RowLayout) -> FVector:
 
 
 class _Recording:
-    """Iterates ``loader`` and keeps what it yields (the batches of this rank's shard)."""
+    """Iterates ``loader`` and keeps what it yields (the batches of this rank's shard),
+    less its batches of 0 examples: the generator skips them as if absent, and a rank
+    receiving one (``exchange="inputs"``) would get no features to take a Gram block of."""
 
     def __init__(self, loader, into: list):
         self.loader, self.into = loader, into
 
     def __iter__(self):
         for batch in self.loader:
+            if is_empty_batch(batch):
+                continue
             self.into.append(batch)
             yield batch
 
@@ -238,7 +244,7 @@ def _gram_rows(generator, loader, group, exchange: str) -> tuple[Tensor, RowLayo
     c = max(r[1] for r in rows)
     layout = RowLayout(counts, me)
     if layout.n == 0:
-        raise ValueError("no example was seen: every rank's loader is empty")
+        raise no_example_error()
     mode = exchange
     if mode == "auto":
         mode = "inputs" if sum(r[3] for r in rows) < sum(r[2] for r in rows) else "features"

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..generator.statistics import no_example_error
 from .fspace import ShardedFVector, local_part, make_fvector
 from .groupops import (
     RowLayout, agree_ints, check_model, effective_group, group_rank, group_sum, held_group,
@@ -39,7 +40,7 @@ def _jacobian_rows_in_group(generator, loader, group) -> tuple[Tensor, RowLayout
     layout = RowLayout(tuple(g[0] for g in got), group_rank(group))
     c = max(g[1] for g in got)
     if layout.n == 0:
-        raise ValueError("no example was seen: every rank's loader is empty")
+        raise no_example_error()
     if n_local == 0:
         d = generator.layer_collection.numel()
         rows = torch.zeros((c, 0, d), dtype=generator.dtype, device=generator.device)
@@ -63,7 +64,7 @@ def jacobian_rows(generator, loader, group) -> tuple[Tensor, RowLayout, object]:
     if group is None:
         rows, n = generator.jacobian_rows(loader)
         if n == 0:
-            raise ValueError("the loader is empty: pass a loader that yields at least one batch")
+            raise no_example_error()
         return rows, RowLayout.single(n), None
     rows, layout = _jacobian_rows_in_group(generator, loader, group)
     return rows, layout, group
@@ -220,7 +221,7 @@ class PushForwardImplicit:
         if self.group is None:
             x = self._local(v)
             if x is None:
-                raise ValueError("the loader is empty")
+                raise no_example_error()
             return FVector(x)
         error, x = None, None
         try:
@@ -232,7 +233,7 @@ class PushForwardImplicit:
         got = agree_ints([n_local, c], error, self.group)
         layout = RowLayout(tuple(g[0] for g in got), group_rank(self.group))
         if layout.n == 0:
-            raise ValueError("no example was seen: every rank's loader is empty")
+            raise no_example_error()
         if x is None:
             x = v.to_torch().new_zeros((max(g[1] for g in got), 0))
         return ShardedFVector(x, self.group, layout)

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from ...generator.statistics import no_example_error
 from .base import PMatAbstract
 from ..groupops import check_model, effective_group, sum_local_pass
 
@@ -71,7 +72,7 @@ class PMatImplicit(PMatAbstract):
         flat, _, carried = sum_local_pass(local, template, self.group, carry)
         counts = flat[k * m:]
         if bool((counts == 0).any()):
-            raise ValueError("no example was seen: the loader (or every shard) is empty")
+            raise no_example_error()
         out = sum(coef * flat[i * m:(i + 1) * m] / counts[i] for i, (coef, _, _) in enumerate(self.terms))
         return out.reshape(shape), carried
 

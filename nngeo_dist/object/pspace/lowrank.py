@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...generator.statistics import no_example_error
 from .base import PMatAbstract
 from ..groupops import (
     RowLayout,
@@ -68,7 +69,7 @@ class PMatLowRank(PMatAbstract):
         check_model(generator.model, group, check_parameters)
         rows, layout, group = jacobian_rows(generator, loader, group)
         if layout.n == 0:
-            raise ValueError("no example was seen: the loader is empty")
+            raise no_example_error()
         return cls(generator.layer_collection, rows, layout.n, generator, group, layout)
 
     @property
