@@ -220,3 +220,20 @@ def test_disk_full_keeps_finished_tiles(tmp_path, dense, monkeypatch):
 def test_incomplete_store_refused_by_reader(tmp_path):
     with pytest.raises(FileNotFoundError):
         FMatStored(str(tmp_path / "none.zarr"))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(H.make_data())
+
+
+@pytest.mark.parametrize("loader, names", [
+    (torch.utils.data.DataLoader(_Stream(), batch_size=4), "not a _Stream"),
+    (torch.utils.data.DataLoader(H.make_data(), batch_size=None), "batch_size=None"),
+])
+def test_loaders_not_read_by_index_refused(tmp_path, loader, names):
+    """A store reads each tile's examples by index: a loader whose dataset cannot be
+    indexed by example is refused by name, before anything is written."""
+    with pytest.raises(TypeError, match=names):
+        GramMatrix(H.make_model(), loader, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
+    assert not (tmp_path / "g.zarr").exists()

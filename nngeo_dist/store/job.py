@@ -172,6 +172,13 @@ class DataSource:
     def __init__(self, loader_or_dataset: Any, batch_size: Optional[int] = None):
         settings: dict[str, Any] = {}
         if isinstance(loader_or_dataset, DataLoader):
+            if loader_or_dataset.batch_size is None:
+                # its dataset yields whole batches, which cannot be split into tiles
+                raise TypeError(
+                    "an out-of-core store reads the examples of each tile by index, but this "
+                    "DataLoader has batch_size=None (its dataset yields batches, not examples): "
+                    "pass a DataLoader with a batch_size over a dataset of examples"
+                )
             dataset = loader_or_dataset.dataset
             for k in _CARRIED:
                 if hasattr(loader_or_dataset, k):
