@@ -150,30 +150,45 @@ def test_convolution_kernels_on_each_route(name, route, monkeypatch):
     assert rel(FIM(model, loader, PMatQuasiDiag, variant=variant).to_torch(), F * pattern(model)) < RTOL
 
 
-def test_fastest_times_each_route_once_then_keeps_its_choice(monkeypatch):
-    monkeypatch.setattr(layers, "_FASTEST", {})
-    calls = {"slow": 0, "quick": 0}
-    buffer = {}  # what a route writing into a caller's buffer leaves there
+class _FakeRoutes:
+    """Routes that advance a fake clock by scripted durations (one per call), and record
+    their calls and what a route writing into a caller's buffer would leave there."""
 
-    def route(name, seconds):
-        def run():
-            calls[name] += 1
-            buffer["written by"] = name
-            if seconds:
-                import time
-                time.sleep(seconds)
-            return name
-        return run
+    def __init__(self, monkeypatch, durations: dict):
+        self.now, self.calls, self.buffer = 0.0, [], None
+        self.durations = {n: list(d) for n, d in durations.items()}
+        monkeypatch.setattr(layers, "_FASTEST", {})
+        monkeypatch.setattr(layers, "_clock", lambda device: self.now)
 
-    routes = {"quick": route("quick", 0), "slow": route("slow", 0.02)}
-    assert layers.fastest(("k",), routes, torch.device("cpu")) == "quick"
-    # a set-up run, then a timed run each; the chosen one runs last (its buffers hold
-    # its own numbers)
-    assert calls == {"slow": 2, "quick": 3}
-    assert buffer["written by"] == "quick"
-    assert layers.fastest(("k",), routes, torch.device("cpu")) == "quick"
-    assert calls == {"slow": 2, "quick": 4}
-    assert layers.fastest(("other",), {"only": route("quick", 0)}, torch.device("cpu")) == "quick"
+    def routes(self) -> dict:
+        def route(name):
+            def run():
+                self.calls.append(name)
+                self.now += self.durations[name].pop(0) if self.durations[name] else 0.0
+                self.buffer = name
+                return name
+            return run
+        return {n: route(n) for n in self.durations}
+
+
+def test_fastest_decides_at_once_when_one_route_is_clearly_faster(monkeypatch):
+    fake = _FakeRoutes(monkeypatch, {"quick": [9.0, 1.0], "slow": [9.0, 2.5]})
+    assert layers.fastest(("k",), fake.routes(), torch.device("cpu")) == "quick"
+    # one set-up run each, one timed round (2.5 > ROUTE_CLEAR x 1), then the chosen route
+    # once more: its buffers hold its own numbers
+    assert fake.calls == ["quick", "slow", "quick", "slow", "quick"] and fake.buffer == "quick"
+    assert layers.fastest(("k",), fake.routes(), torch.device("cpu")) == "quick"
+    assert fake.calls[5:] == ["quick"]  # kept for the key: no more timing
+    assert layers.fastest(("other",), {"only": fake.routes()["slow"]}, torch.device("cpu")) == "slow"
+    assert fake.calls[6:] == ["slow"]  # a single route is not timed
+
+
+def test_fastest_takes_the_best_of_interleaved_rounds_when_routes_are_close(monkeypatch):
+    # "a" is slowed in its first two timed rounds (a busy machine) and is the faster one;
+    # one timing each would keep "b"
+    fake = _FakeRoutes(monkeypatch, {"a": [9.0, 3.0, 3.0, 1.0], "b": [9.0, 2.0, 2.0, 1.5]})
+    assert layers.fastest(("k",), fake.routes(), torch.device("cpu")) == "a"
+    assert fake.calls == ["a", "b"] * (1 + layers.ROUTE_ROUNDS) + ["a"] and fake.buffer == "a"
 
 
 def test_patches_memoised_within_a_batch_only():

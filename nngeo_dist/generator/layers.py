@@ -114,23 +114,45 @@ def _octave(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
+#: at most this many timed rounds when choosing a route (its best time counts)
+ROUTE_ROUNDS = 3
+#: a route whose best time is under 1/ROUTE_CLEAR of every other's is chosen at once
+ROUTE_CLEAR = 2.0
+
+
 def fastest(key: tuple, routes: dict, device: torch.device):
     """The result of the fastest of equivalent ``routes`` ({name: () -> result}, the same
-    numbers up to rounding). On the first call for ``key`` each route runs twice and its
-    second run is timed (a first call sets kernels up); the choice is kept for the key,
-    and the chosen route runs once more, so that a route writing into a buffer leaves
-    its own numbers there and every call for the key gives the same bits."""
+    numbers up to rounding), chosen on the first call for ``key`` (:func:`_time_routes`)
+    and kept for the key; the chosen route runs once more, so that a route writing into a
+    buffer leaves its own numbers there and every call for the key gives the same bits."""
     name = _FASTEST.get(key)
     if name is None:
-        times = {}
+        name = _FASTEST[key] = _time_routes(key, routes, device)
+    return routes[name]()
+
+
+def _time_routes(key: tuple, routes: dict, device: torch.device) -> str:
+    """The name of the route with the best time: each route runs once untimed (a first
+    call sets kernels and buffers up), then all are timed in interleaved rounds, so that
+    they see the same phases of a shared machine, until one is clearly the fastest
+    (:data:`ROUTE_CLEAR`) or after :data:`ROUTE_ROUNDS` rounds. One timing each would
+    let a single slow run on a busy machine keep a route 1.6x slower for the whole job."""
+    if len(routes) == 1:
+        return next(iter(routes))
+    for route in routes.values():
+        route()
+    best = dict.fromkeys(routes, float("inf"))
+    for _ in range(ROUTE_ROUNDS):
         for n, route in routes.items():
-            route()
             t0 = _clock(device)
             route()
-            times[n] = _clock(device) - t0
-        name = _FASTEST[key] = min(times, key=times.get)
-        log.debug("%s: route %s (%s)", key[0], name, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
-    return routes[name]()
+            best[n] = min(best[n], _clock(device) - t0)
+        first, second = sorted(best.values())[:2]
+        if second > ROUTE_CLEAR * first:
+            break
+    name = min(best, key=best.get)
+    log.debug("%s: route %s (%s)", key[0], name, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in best.items()))
+    return name
 
 
 class KFACUnsupportedError(TypeError, NotImplementedError):
