@@ -172,8 +172,9 @@ class DataSource:
     def __init__(self, loader_or_dataset: Any, batch_size: Optional[int] = None):
         settings: dict[str, Any] = {}
         if isinstance(loader_or_dataset, DataLoader):
-            if loader_or_dataset.batch_size is None:
-                # its dataset yields whole batches, which cannot be split into tiles
+            if loader_or_dataset.batch_sampler is None:
+                # no automatic batching: its dataset yields whole batches, which cannot be
+                # split into tiles (a batch_sampler's loader also has batch_size None)
                 raise TypeError(
                     "an out-of-core store reads the examples of each tile by index, but this "
                     "DataLoader has batch_size=None (its dataset yields batches, not examples): "
