@@ -203,24 +203,30 @@ def _square_sums_by_example_chunks(pieces, qs: list, right: Optional[Tensor] = N
                                    cross_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Sums over outputs k and examples n of the squared products ``p[n] q_k[n] right``:
     ``pieces`` yields (examples, p) with p (n_s, i', T) the inputs' side of a chunk of
-    examples, ``qs`` one (N, T, o) per output, ``right`` (o, o) or None. Returns (i', o)
-    and, with ``cross_rows = i``, the sums of the products of rows ``:i`` with row ``i``
-    (a bias's), (i, o).
+    examples (the first chunk the largest), ``qs`` one (N, T, o) per output, ``right``
+    (o, o) or None. Returns (i', o) and, with ``cross_rows = i``, the sums of the products
+    of rows ``:i`` with row ``i`` (a bias's), (i, o).
 
-    The (n_s, i', o) products are made output by output (no (K, N, i', o) temporary),
-    while a chunk's ``p`` stays in cache for every output to read."""
-    d = cross = None
+    The (n_s, i', o) products are made output by output into one buffer (no (K, N, i', o)
+    temporary), while a chunk's ``p`` stays in cache for every output to read; squares
+    are accumulated per example slot (one fused multiply-add per product) and summed
+    over the slots once at the end, which halves the element-wise passes."""
+    sq = cross = gw = None
     for sl, p in pieces:
-        if d is None:
-            d = p.new_zeros(p.shape[1], qs[0].shape[-1])
-            cross = None if cross_rows is None else p.new_zeros(cross_rows, d.shape[1])
+        n = p.shape[0]
+        if gw is None:
+            o = qs[0].shape[-1]
+            gw = p.new_empty(n, p.shape[1], o)
+            sq = p.new_zeros(n, p.shape[1], o)
+            cross = None if cross_rows is None else p.new_zeros(n, cross_rows, o)
+        g = gw[:n]
         for q in qs:
             q = q[sl]
-            gw = torch.bmm(p, q if right is None else q @ right)
+            torch.bmm(p, q if right is None else q @ right, out=g)
             if cross is not None:
-                cross += (gw[:, :cross_rows] * gw[:, cross_rows:]).sum(dim=0)
-            d += gw.square_().sum(dim=0)
-    return d, cross
+                cross[:n].addcmul_(g[:, :cross_rows], g[:, cross_rows:])
+            sq[:n].addcmul_(g, g)
+    return sq.sum(dim=0), (None if cross is None else cross.sum(dim=0))
 
 
 def _joined(chunks: list) -> Tensor:
