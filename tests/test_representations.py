@@ -395,3 +395,28 @@ def test_approximations_agree_with_dense(name):
     assert rel(mat(name, PMatDiag).get_diag(), torch.diagonal(D)) <= RTOL
     assert rel(mat(name, PMatBlockDiag).to_torch(), expected(name, PMatBlockDiag)) <= RTOL
     assert rel(mat(name, PMatLowRank).to_torch(), D) <= RTOL
+
+
+def test_forward_mode_takes_the_tangents_without_a_copy():
+    """The tangents of a J v pass (slices of one flat vector) are laid out once like the
+    parameters, each in its own storage, which forward-mode AD takes as they are: no copy
+    into fresh zeros on every batch."""
+    from torch.autograd import forward_ad
+
+    from nngeo_dist.generator import Generator
+
+    model, batches, _ = make("conv2d", n=4, batch_size=2, seed=0)
+    gen = Generator(model)
+    fm = gen.functional
+    flat = torch.randn(sum(p.numel() for p in fm.params), dtype=torch.float64)
+    views = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in fm.params]), fm.params)]
+    seen, jvp = [], fm.jvp
+    fm.jvp = lambda batch, tangents: (seen.append(tangents), jvp(batch, tangents))[1]
+    assert len(list(gen.jvp_batches(batches, views))) == len(batches)
+    assert all(t is s for t, s in zip(seen[0], seen[-1]))  # made once, not per batch
+    for p, v, t in zip(fm.params, views, seen[0]):
+        assert torch.equal(t, v) and t.stride() == p.stride()
+        with forward_ad.dual_level():
+            assert forward_ad.unpack_dual(forward_ad.make_dual(p.detach(), t)).tangent.data_ptr() == t.data_ptr()
+            # a slice itself is copied (why they are laid out again)
+            assert forward_ad.unpack_dual(forward_ad.make_dual(p.detach(), v)).tangent.data_ptr() != v.data_ptr()

@@ -39,6 +39,13 @@ class FunctionalModel:
         out = functional_call(self.wrapper, dict(zip(self.names, params)), tuple(batch), strict=False)
         return out.unsqueeze(1) if out.dim() == 1 else out
 
+    def as_tangents(self, tangents: Sequence[Tensor]) -> list[Tensor]:
+        """``tangents`` (shaped like the parameters) laid out like the parameters, each in
+        a storage of its own: forward-mode AD takes such a tangent as it is, while it
+        copies any other (e.g. a slice of one flat vector) into fresh zeros on every
+        dual number it makes, i.e. on every batch. Made once per pass over the data."""
+        return [torch.empty_like(p, dtype=t.dtype).copy_(t) for p, t in zip(self.params, tangents)]
+
     def jvp(self, batch: Sequence, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """(f, J v), each (N, K); ``tangents`` shaped like the parameters."""
         primals = tuple(p.detach() for p in self.params)

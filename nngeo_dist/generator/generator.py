@@ -280,7 +280,7 @@ class Generator:
     # functional (implicit) ------------------------------------------------------------
     def jvp_batches(self, loader, v_tensors: Sequence[Tensor]):
         """Yield (batch, f (N, K), J v (N, K)) for each batch."""
-        v_tensors = self._project_tangents(v_tensors)
+        v_tensors = self.functional.as_tangents(self._project_tangents(v_tensors))
         self.capturer.check_modules()
         for batch in self.batches(loader, "J v"):
             self._rng_snapshot = self._rng_state()
