@@ -420,3 +420,21 @@ def test_forward_mode_takes_the_tangents_without_a_copy():
             assert forward_ad.unpack_dual(forward_ad.make_dual(p.detach(), t)).tangent.data_ptr() == t.data_ptr()
             # a slice itself is copied (why they are laid out again)
             assert forward_ad.unpack_dual(forward_ad.make_dual(p.detach(), v)).tangent.data_ptr() != v.data_ptr()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jvp_with_tangents_given_at_the_first_layers_outputs(name):
+    """J v batch by batch against the oracle's Jacobian: the model's first batch finds the
+    layers whose inputs carry no tangent, the later ones (and later passes) give those
+    layers' outputs their tangent directly (one product instead of torch's two)."""
+    from nngeo_dist.generator import Generator, functional
+
+    cs = case(name)
+    functional._CONSTANT_INPUTS.pop(cs.model, None)
+    gen = Generator(cs.model)
+    J = oracle.per_example_jacobian(cs.model, None, cs.batches)  # (c, n, d)
+    shapes = [p.shape for p in gen.functional.params]
+    tangents = [t.view(s) for t, s in zip(torch.split(cs.v, [s.numel() for s in shapes]), shapes)]
+    jv = torch.cat([jv for _, _, jv in gen.jvp_batches(cs.batches, tangents)])
+    assert len(cs.batches) >= 2 and gen.functional.constant_inputs  # both routes ran
+    assert rel(jv, (J @ cs.v).t()) < RTOL

@@ -4,14 +4,22 @@ parameters as explicit inputs (``torch.func``), for the implicit operators.
 ``J v`` for all outputs costs one forward-mode pass; ``J^T u`` one backward pass. Neither
 forms a per-example gradient, and a module used several times (tied weights) is handled
 as autograd handles it.
+
+A layer whose inputs carry no tangent (the first layer, reading the data) gets its output's
+tangent from us rather than from torch's forward-mode rule: every layer kind of a collection
+is linear in its parameters, so that tangent is the layer's own output with the tangents as
+parameters, one product; torch's rule for a product also multiplies the input's zero
+tangent (materialised) by the weight, a second product of the same size.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import weakref
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.autograd import forward_ad
+from torch.func import functional_call, jacrev, vmap
 
 
 class _AsModule(nn.Module):
@@ -26,6 +34,13 @@ class _AsModule(nn.Module):
         return self.function(*batch)
 
 
+#: model -> {parameter names: indices of the parameters whose modules' inputs carry no
+#: tangent}, found by the first J v pass on the model and kept for later ones (a wrong
+#: entry, e.g. after a change of function, costs time, never exactness: an injected
+#: tangent is added to the one torch propagates)
+_CONSTANT_INPUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 class FunctionalModel:
     """``f(params, batch) -> (N, K)`` with ``params`` the collection's parameters in flat order."""
 
@@ -34,6 +49,12 @@ class FunctionalModel:
         named = layer_collection.named_parameters(model)
         self.names = ["model." + n for n, _ in named]
         self.params = [p for _, p in named]
+        # (module, attribute) of each parameter, and the modules whose inputs never carry
+        # a tangent (None until a J v pass on this model finds them)
+        self.owners = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n, _ in named]
+        self._model = model
+        found = _CONSTANT_INPUTS.get(model, {}).get(tuple(self.names))
+        self.constant_inputs: Optional[set] = None if found is None else {self.owners[i][0] for i in found}
 
     def __call__(self, params: Sequence[Tensor], batch: Sequence) -> Tensor:
         out = functional_call(self.wrapper, dict(zip(self.names, params)), tuple(batch), strict=False)
@@ -47,9 +68,37 @@ class FunctionalModel:
         return [torch.empty_like(p, dtype=t.dtype).copy_(t) for p, t in zip(self.params, tangents)]
 
     def jvp(self, batch: Sequence, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """(f, J v), each (N, K); ``tangents`` shaped like the parameters."""
-        primals = tuple(p.detach() for p in self.params)
-        return jvp(lambda *ps: self(ps, batch), primals, tuple(tangents))
+        """(f, J v), each (N, K); ``tangents`` shaped like the parameters.
+
+        The first pass finds the modules whose inputs carry no tangent; from the second
+        on, their parameters enter as plain tensors and :func:`_tangent_hook` gives their
+        outputs the tangent (see the module docstring)."""
+        injected = self.constant_inputs or set()
+        by_module: dict = {}
+        with forward_ad.dual_level():
+            params = []
+            for p, t, (mod, attr) in zip(self.params, tangents, self.owners):
+                if mod in injected:
+                    params.append(p.detach())
+                    by_module.setdefault(mod, {})[attr] = t
+                else:
+                    params.append(forward_ad.make_dual(p.detach(), t))
+            hooks = [m.register_forward_hook(_tangent_hook(ts), with_kwargs=True) for m, ts in by_module.items()]
+            seen: dict = {}
+            if self.constant_inputs is None:
+                hooks += [m.register_forward_pre_hook(_input_tangent_recorder(seen), with_kwargs=True)
+                          for m, _ in self.owners]
+            try:
+                out = self(params, batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+            primal, tangent = forward_ad.unpack_dual(out)
+        if self.constant_inputs is None:
+            self.constant_inputs = {m for m, has_tangent in seen.items() if not has_tangent}
+            found = {i for i, (m, _) in enumerate(self.owners) if m in self.constant_inputs}
+            _CONSTANT_INPUTS.setdefault(self._model, {})[tuple(self.names)] = found
+        return primal, torch.zeros_like(primal) if tangent is None else tangent
 
     def vjp(self, batch: Sequence, cotangent: Tensor) -> list[Tensor]:
         """J^T u summed over the batch, shaped like the parameters; ``cotangent`` (N, K)."""
@@ -71,3 +120,35 @@ class FunctionalModel:
 
         jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(tensors))(params, *[batch[i] for i in tensors])
         return list(jac)
+
+
+def _has_tangent(x) -> bool:
+    return isinstance(x, Tensor) and forward_ad.unpack_dual(x).tangent is not None
+
+
+def _input_tangent_recorder(seen: dict) -> Callable:
+    """A forward pre-hook recording, per module, whether any call's inputs carry a tangent."""
+    def hook(mod, args, kwargs):
+        seen[mod] = seen.get(mod, False) or any(_has_tangent(a) for a in (*args, *kwargs.values()))
+    return hook
+
+
+def _tangent_hook(tangents: dict) -> Callable:
+    """A forward hook adding to a module's output the tangent of its parameters, given as
+    plain tensors: ``tangents`` {attribute: tangent}. The output is linear in the
+    module's parameters, so that tangent is the module's output with the tangents as
+    parameters (zero for its parameters outside the collection)."""
+    busy = []
+
+    def hook(mod, args, kwargs, out):
+        if busy:  # the call below
+            return None
+        full = {n: tangents.get(n, torch.zeros_like(q)) for n, q in mod.named_parameters(recurse=False)}
+        busy.append(True)
+        try:
+            extra = functional_call(mod, full, args, kwargs)
+        finally:
+            busy.pop()
+        primal, tangent = forward_ad.unpack_dual(out)
+        return forward_ad.make_dual(primal, extra if tangent is None else tangent + extra)
+    return hook
