@@ -438,3 +438,24 @@ def test_jvp_with_tangents_given_at_the_first_layers_outputs(name):
     jv = torch.cat([jv for _, _, jv in gen.jvp_batches(cs.batches, tangents)])
     assert len(cs.batches) >= 2 and gen.functional.constant_inputs  # both routes ran
     assert rel(jv, (J @ cs.v).t()) < RTOL
+
+
+def test_jvp_keeps_the_tangent_of_a_parameter_read_outside_its_layer():
+    """A function that also reads the first layer's weight itself (outside the layer,
+    whose output tangent we compute): that use keeps its tangent, in every batch."""
+    from nngeo_dist.generator import Generator, functional
+
+    model, batches, _ = make("linear", n=11, batch_size=4, seed=0)
+    functional._CONSTANT_INPUTS.pop(model, None)
+
+    def function(x, y):
+        return model(x) + (model[0].weight[:3, 0] ** 2)[None, :] * x[:, :1]
+
+    gen = Generator(model, function)
+    J = oracle.per_example_jacobian(model, function, batches)
+    v = torch.linspace(-1, 1, J.shape[2], dtype=torch.float64)
+    shapes = [p.shape for p in gen.functional.params]
+    tangents = [t.view(s) for t, s in zip(torch.split(v, [s.numel() for s in shapes]), shapes)]
+    jv = torch.cat([jv for _, _, jv in gen.jvp_batches(batches, tangents)])
+    assert model[0] in gen.functional.constant_inputs
+    assert rel(jv, (J @ v).t()) < RTOL

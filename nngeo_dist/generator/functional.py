@@ -70,24 +70,18 @@ class FunctionalModel:
     def jvp(self, batch: Sequence, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """(f, J v), each (N, K); ``tangents`` shaped like the parameters.
 
-        The first pass finds the modules whose inputs carry no tangent; from the second
-        on, their parameters enter as plain tensors and :func:`_tangent_hook` gives their
-        outputs the tangent (see the module docstring)."""
+        The first pass on a model finds the modules whose inputs carry no tangent; from
+        then on :func:`_tangent_hooks` give their outputs the tangent (see the module
+        docstring). Every parameter stays a dual number everywhere else, so that a use
+        outside its module (a tied weight, a function reading it) keeps its tangent."""
         injected = self.constant_inputs or set()
-        by_module: dict = {}
         with forward_ad.dual_level():
-            params = []
-            for p, t, (mod, attr) in zip(self.params, tangents, self.owners):
-                if mod in injected:
-                    params.append(p.detach())
-                    by_module.setdefault(mod, {})[attr] = t
-                else:
-                    params.append(forward_ad.make_dual(p.detach(), t))
-            hooks = [m.register_forward_hook(_tangent_hook(ts), with_kwargs=True) for m, ts in by_module.items()]
+            params = [forward_ad.make_dual(p.detach(), t) for p, t in zip(self.params, tangents)]
+            hooks = [h for m in injected for h in _tangent_hooks(m)]
             seen: dict = {}
             if self.constant_inputs is None:
                 hooks += [m.register_forward_pre_hook(_input_tangent_recorder(seen), with_kwargs=True)
-                          for m, _ in self.owners]
+                          for m in dict.fromkeys(m for m, _ in self.owners)]
             try:
                 out = self(params, batch)
             finally:
@@ -133,22 +127,42 @@ def _input_tangent_recorder(seen: dict) -> Callable:
     return hook
 
 
-def _tangent_hook(tangents: dict) -> Callable:
-    """A forward hook adding to a module's output the tangent of its parameters, given as
-    plain tensors: ``tangents`` {attribute: tangent}. The output is linear in the
-    module's parameters, so that tangent is the module's output with the tangents as
-    parameters (zero for its parameters outside the collection)."""
-    busy = []
+def _tangent_hooks(mod: nn.Module) -> list:
+    """Hooks computing ``mod``'s output tangent from its parameters' tangents ourselves:
+    before its forward, its dual parameters are swapped for their primal values (torch's
+    forward-mode rule then does not run for it); after, they are put back and the output
+    gets the tangent its parameters give it: ``mod`` is linear in its parameters, so that
+    tangent is its output with the parameters' tangents (zero where it has none) as
+    parameters. A tangent its inputs carry, if any, is propagated by torch and kept.
+    Returns the two hook handles."""
+    saved: list = []  # the dual parameters of the calls in progress
+    ours = []  # non-empty during the call that computes the tangent
 
-    def hook(mod, args, kwargs, out):
-        if busy:  # the call below
+    def before(mod, args, kwargs):
+        if ours:
             return None
-        full = {n: tangents.get(n, torch.zeros_like(q)) for n, q in mod.named_parameters(recurse=False)}
-        busy.append(True)
+        duals = {n: q for n, q in mod._parameters.items() if q is not None}
+        for n, q in duals.items():
+            mod._parameters[n] = forward_ad.unpack_dual(q).primal
+        saved.append(duals)
+        return None
+
+    def after(mod, args, kwargs, out):
+        if ours:
+            return None
+        duals = saved.pop()
+        mod._parameters.update(duals)
+        tangents = {}
+        for n, q in duals.items():
+            t = forward_ad.unpack_dual(q).tangent
+            tangents[n] = torch.zeros_like(q) if t is None else t
+        ours.append(True)
         try:
-            extra = functional_call(mod, full, args, kwargs)
+            extra = functional_call(mod, tangents, args, kwargs)
         finally:
-            busy.pop()
+            ours.pop()
         primal, tangent = forward_ad.unpack_dual(out)
         return forward_ad.make_dual(primal, extra if tangent is None else tangent + extra)
-    return hook
+
+    return [mod.register_forward_pre_hook(before, with_kwargs=True),
+            mod.register_forward_hook(after, with_kwargs=True)]
