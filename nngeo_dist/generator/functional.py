@@ -1,5 +1,5 @@
 """Forward- and reverse-mode products through ``function`` with the collection's
-parameters as explicit inputs (``torch.func``), for the implicit operators.
+parameters as explicit inputs (forward-mode AD, ``torch.func``), for the implicit operators.
 
 ``J v`` for all outputs costs one forward-mode pass; ``J^T u`` one backward pass. Neither
 forms a per-example gradient, and a module used several times (tied weights) is handled
@@ -49,12 +49,12 @@ class FunctionalModel:
         named = layer_collection.named_parameters(model)
         self.names = ["model." + n for n, _ in named]
         self.params = [p for _, p in named]
-        # (module, attribute) of each parameter, and the modules whose inputs never carry
-        # a tangent (None until a J v pass on this model finds them)
-        self.owners = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n, _ in named]
+        # the module of each parameter, and the modules whose inputs never carry a tangent
+        # (None until a J v pass on this model finds them)
+        self.owners = [model.get_submodule(n.rpartition(".")[0]) for n, _ in named]
         self._model = model
         found = _CONSTANT_INPUTS.get(model, {}).get(tuple(self.names))
-        self.constant_inputs: Optional[set] = None if found is None else {self.owners[i][0] for i in found}
+        self.constant_inputs: Optional[set] = None if found is None else {self.owners[i] for i in found}
 
     def __call__(self, params: Sequence[Tensor], batch: Sequence) -> Tensor:
         out = functional_call(self.wrapper, dict(zip(self.names, params)), tuple(batch), strict=False)
@@ -81,7 +81,7 @@ class FunctionalModel:
             seen: dict = {}
             if self.constant_inputs is None:
                 hooks += [m.register_forward_pre_hook(_input_tangent_recorder(seen), with_kwargs=True)
-                          for m in dict.fromkeys(m for m, _ in self.owners)]
+                          for m in dict.fromkeys(self.owners)]
             try:
                 out = self(params, batch)
             finally:
@@ -90,7 +90,7 @@ class FunctionalModel:
             primal, tangent = forward_ad.unpack_dual(out)
         if self.constant_inputs is None:
             self.constant_inputs = {m for m, has_tangent in seen.items() if not has_tangent}
-            found = {i for i, (m, _) in enumerate(self.owners) if m in self.constant_inputs}
+            found = {i for i, m in enumerate(self.owners) if m in self.constant_inputs}
             _CONSTANT_INPUTS.setdefault(self._model, {})[tuple(self.names)] = found
         return primal, torch.zeros_like(primal) if tangent is None else tangent
 
