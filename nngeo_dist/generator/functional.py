@@ -120,6 +120,10 @@ def _has_tangent(x) -> bool:
     return isinstance(x, Tensor) and forward_ad.unpack_dual(x).tangent is not None
 
 
+def _primal(x):
+    return forward_ad.unpack_dual(x).primal if isinstance(x, Tensor) else x
+
+
 def _input_tangent_recorder(seen: dict) -> Callable:
     """A forward pre-hook recording, per module, whether any call's inputs carry a tangent."""
     def hook(mod, args, kwargs):
@@ -156,6 +160,9 @@ def _tangent_hooks(mod: nn.Module) -> list:
         for n, q in duals.items():
             t = forward_ad.unpack_dual(q).tangent
             tangents[n] = torch.zeros_like(q) if t is None else t
+        # on the inputs' primal values: a tangent they carry is torch's to propagate
+        args = tuple(_primal(x) for x in args)
+        kwargs = {k: _primal(x) for k, x in kwargs.items()}
         ours.append(True)
         try:
             extra = functional_call(mod, tangents, args, kwargs)
