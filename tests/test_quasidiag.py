@@ -146,3 +146,23 @@ def test_held_outputs_flush_per_chunk_and_example_chunks_add_up(name, vectorised
     assert rel(got.to_torch(), dense * pattern(model)) < RTOL
     assert seen and max(seen) == 2
     assert rel(FIM(model, loader_of(batches), PMatDiag, **kw).get_diag(), torch.diagonal(dense)) < RTOL
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("right", [False, True], ids=["plain", "rotated"])
+def test_square_sums_over_uneven_example_chunks(rows_per_chunk, right, monkeypatch):
+    """The per-slot squares and weight-bias products of a batch walked in example chunks
+    (the last one shorter: 7 examples in chunks of 3) against the per-example products
+    formed at once by einsum."""
+    from nngeo_dist.generator import layers
+
+    g = torch.Generator().manual_seed(0)
+    N, i1, T, o = 7, 5, 6, 4
+    p = torch.randn(N, i1, T, generator=g, dtype=torch.float64)
+    qs = [torch.randn(N, T, o, generator=g, dtype=torch.float64) for _ in range(3)]
+    R = torch.randn(o, o, generator=g, dtype=torch.float64) if right else None
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", rows_per_chunk * i1 * T * 8)
+    d, cross = layers._square_sums_by_example_chunks(layers.example_chunks(p), qs, R, cross_rows=i1 - 1)
+    gw = torch.stack([torch.einsum("nit,nto->nio", p, q if R is None else q @ R) for q in qs])
+    assert rel(d, (gw ** 2).sum(dim=(0, 1))) < 1e-12
+    assert rel(cross, (gw[:, :, :-1] * gw[:, :, -1:]).sum(dim=(0, 1))) < 1e-12
