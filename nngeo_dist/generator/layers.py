@@ -568,6 +568,8 @@ class AffineMath(LayerMath):
         pairwise = (K * n) ** 2 * T * T * (o + 1) + n * n * T * T * width
         via_grads = 2 * K * n * T * o * i + (K * n) ** 2 * (o * i + o)
         if pairwise <= via_grads:
+            if T == 1 and N > 1 and torch.equal(q, q[:, :1].expand_as(q)):
+                q = q[:, :1].expand_as(q)  # see _shared_pair_into
             return ("pairwise", q, x, self.has_bias(mod))
         return super().gram_features(mod, a, g, n_total)
 
@@ -587,6 +589,8 @@ class AffineMath(LayerMath):
         K1, N1, T1, o = q1.shape
         K2, N2, T2, _ = q2.shape
         if T1 == 1 and T2 == 1:
+            if _same_for_every_example(q1) and _same_for_every_example(q2):
+                return _shared_pair_into(q1[:, 0, 0], q2[:, 0, 0], aa[:, 0, :, 0], out, accumulate)
             gg = (q1.reshape(K1 * N1, o) @ q2.reshape(K2 * N2, o).t()).view(K1, N1, K2, N2)
             scale = aa[:, 0, :, 0][None, :, None, :]
             if accumulate:
@@ -596,6 +600,32 @@ class AffineMath(LayerMath):
             return
         gg = torch.einsum("knto,lmso->kntlms", q1, q2)
         _write(out, torch.einsum("kntlms,ntms->knlm", gg, aa), accumulate)
+
+
+def _same_for_every_example(q: Tensor) -> bool:
+    """Whether per-output Gram features (K, N, ...) are one row per output, expanded over
+    the examples (as :meth:`AffineMath.gram_features` leaves them when they are)."""
+    return q.stride(1) == 0
+
+
+def _shared_pair_into(c1: Tensor, c2: Tensor, scale: Tensor, out: Tensor, accumulate: bool) -> None:
+    """out (K1, N1, K2, N2) (+)= C[k, l] scale[n, m], C = c1 c2^T: the Gram contribution of
+    a one-position layer whose output gradients ``c1`` (K1, o), ``c2`` (K2, o) are the
+    same for every example, ``scale`` (N1, N2) its inputs' products (+1 for a bias).
+
+    This is the last linear layer of raw outputs (the gradient of output k is e_k): C is
+    the identity, so only the K diagonal blocks (k, k) are written to, and no (K N)^2
+    product of gradients is formed.
+    """
+    C = c1 @ c2.t()
+    pairs = C.nonzero()
+    if not accumulate:
+        out.zero_()
+    if pairs.shape[0] > max(C.shape):  # dense C: one broadcast pass
+        out.addcmul_(C[:, None, :, None], scale[None, :, None, :])
+        return
+    for k, l in pairs.tolist():
+        out[k, :, l, :].add_(scale * C[k, l])
 
 
 @register("Linear")
