@@ -5,6 +5,8 @@ representation's ``build`` (statistics -> reduce -> finalise).
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Callable, Optional
 
 import torch
@@ -83,7 +85,7 @@ def FIM(
     _check_model(model, group, check_parameters)
     root = fim_root(function or default_function(model), variant)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
-    _check_n_output_matches(gen, n_output, variant, model, function, loader)
+    loader = _check_n_output_matches(gen, n_output, model, function, loader)
     if store is not None:
         from .object import PMatLowRank
         from .object.stored import PMatLowRankStored
@@ -126,7 +128,7 @@ def FIM_MonteCarlo(
     root = monte_carlo_root(function or default_function(model), variant, trials, rng)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     gen.rng = rng
-    _check_n_output_matches(gen, n_output, variant, model, function, loader)
+    loader = _check_n_output_matches(gen, n_output, model, function, loader)
     return _build(representation, gen, loader, group, **kw)
 
 
@@ -208,22 +210,29 @@ def _gen_kw(kw: dict) -> dict:
     return {k: kw.pop(k) for k in _GEN_KEYS if k in kw}
 
 
-def _check_n_output_matches(gen, n_output, variant, model, function, loader) -> None:
+def _check_n_output_matches(gen, n_output, model, function, loader):
     """``n_output`` describes the model's outputs (c), not the FIM root's: checked on the
-    first non-empty batch of the wrapped function."""
+    first non-empty batch of the wrapped function. Returns the loader to compute from: a
+    one-shot iterator comes back with the batches the check drew put back in front."""
     if n_output is None:
-        return
-    f = function or default_function(model)
-    batch = next((b for b in loader if not is_empty_batch(b)), None)
-    if batch is None:  # an empty shard of a group (one process: the build raises)
-        return
+        return loader
+    drawn, it = [], iter(loader)
+    for b in it:
+        drawn.append(b)
+        if not is_empty_batch(b):
+            break
+    loader = itertools.chain(drawn, it) if isinstance(loader, Iterator) else loader
+    if not drawn or is_empty_batch(drawn[-1]):  # an empty shard of a group (one process: the build raises)
+        return loader
+    batch = drawn[-1]
     batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
     batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)
     with torch.no_grad():
-        out = f(*batch)
+        out = (function or default_function(model))(*batch)
     c = 1 if out.dim() == 1 else out.shape[1]
     if c != n_output:
         raise ValueError(
             f"n_output={n_output} but the model returns {c} outputs per example; drop "
             "n_output (it is inferred) or fix the model/function"
         )
+    return loader

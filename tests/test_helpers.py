@@ -188,6 +188,23 @@ def test_n_output_given_or_inferred(name):
     assert Jacobian(cs.model, cs.loader, n_output=cs.c).to_torch().shape == (cs.c, cs.n, cs.d)
 
 
+@pm("helper", ["FIM", "FIM_MonteCarlo"])
+def test_n_output_check_keeps_the_batches_of_a_one_shot_iterator(helper):
+    """The n_output check draws the first non-empty batch: a generator of batches (read
+    once) must still be computed whole, that batch and the empty one before it included."""
+    cs = case("linear")
+    empty = tuple(t[:0] for t in cs.batches[0])
+
+    def build(loader, **kw):
+        if helper == "FIM":
+            return FIM(cs.model, loader, PMatDense, **kw).to_torch()
+        return FIM_MonteCarlo(cs.model, loader, PMatDense, trials=2, seed=3, **kw).to_torch()
+
+    ref = build(cs.loader)
+    got = build((b for b in [empty, *cs.batches]), n_output=cs.c)
+    assert rel(got, ref) < 1e-13
+
+
 # ------------------------------------------------------------------------------------------
 # FIM_MonteCarlo
 #
