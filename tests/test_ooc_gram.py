@@ -237,3 +237,24 @@ def test_loaders_not_read_by_index_refused(tmp_path, loader, names):
     with pytest.raises(TypeError, match=names):
         GramMatrix(H.make_model(), loader, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_collate_dropping_examples_refused_and_resumable(tmp_path, dense):
+    """A collate_fn that drops an example gives a tile fewer rows than its examples: a
+    clear error before that tile is written; the tiles written before it are kept, and a
+    rerun with a fixed loader resumes."""
+    data = H.make_data()
+    dropped = data[21][0]  # in the last tile (examples 20-22)
+
+    def collate(examples):
+        kept = [e for e in examples if not torch.equal(e[0], dropped)]
+        return torch.utils.data.default_collate(kept)
+
+    bad = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)
+    path = str(tmp_path / "g.zarr")
+    with pytest.raises(ValueError, match=r"gave 2 rows for the 3 examples \[20, 23\).*collate_fn"):
+        GramMatrix(H.make_model(), bad, representation=FMatStored, store=path, tile=5,
+                   progress=False, background_writes=False)
+    again = build(path)
+    assert again.report.tiles_done_before == 4  # (0, 0) to (0, 3), written before (0, 4)
+    assert rel(torch.from_numpy(H.read_store(path)), dense) < TOL

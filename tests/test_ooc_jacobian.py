@@ -108,3 +108,24 @@ def test_lowrank_store_records_variant(tmp_path):
                                 variant="regression", user_function=None)
     assert F.spec.meta["variant"] == "regression"
     assert F.spec.fingerprint["function"] == "fim_root[regression](model(batch[0]))"
+
+
+def test_collate_dropping_examples_refused_and_resumable(tmp_path, jac):
+    """A tile of Jacobian rows short of an example is refused before it is written; the
+    rows written before it are kept and a rerun with a fixed loader resumes."""
+    model, ref, _ = jac
+    data = H.make_data()
+    dropped = data[19][0]  # in the last tile (examples 18-22)
+
+    def collate(examples):
+        kept = [e for e in examples if not torch.equal(e[0], dropped)]
+        return torch.utils.data.default_collate(kept)
+
+    bad = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)
+    path = str(tmp_path / "j.zarr")
+    kw = dict(representation=PushForwardStored, store=path, tile=6, d_chunk=50, progress=False)
+    with pytest.raises(ValueError, match=r"gave 4 rows for the 5 examples \[18, 23\).*collate_fn"):
+        Jacobian(model, bad, background_writes=False, **kw)
+    again = Jacobian(model, H.make_loader(), **kw)
+    assert again.report.tiles_done_before == 9  # the first three row tiles, 3 chunks each
+    assert rel(again.to_torch(), ref.to_torch()) < TOL

@@ -198,7 +198,9 @@ def tile_features(generator, source: DataSource, I: int, B: int) -> list:
     every tile (the last, smaller, tile included) and any two tiles pair up.
     """
     start, stop = I * B, min((I + 1) * B, source.n)
-    return generator.gram_features(source.loader(start, stop), n_total=B)
+    feats = generator.gram_features(source.loader(start, stop), n_total=B)
+    source.check_read(start, stop, sum(n_b for n_b, _ in feats))
+    return feats
 
 
 def gram_block_from_features(generator, f_rows: list, f_cols: Optional[list]) -> Tensor:

@@ -140,6 +140,7 @@ def build_jacobian_store(
                 for I in mine:
                     start, stop = I * B, min((I + 1) * B, source.n)
                     rows, _ = gen.jacobian_rows(source.loader(start, stop))
+                    source.check_read(start, stop, rows.shape[1])
                     writes.submit(write, I, rows.detach().cpu())
                     del rows
         barrier(group)

@@ -209,6 +209,17 @@ class DataSource:
         return DataLoader(Subset(self.dataset, range(start, stop)), batch_size=bs, shuffle=False,
                           **self.settings)
 
+    def check_read(self, start: int, stop: int, got: int) -> None:
+        """Raise if reading examples ``[start, stop)`` gave ``got`` rows (a collate_fn that
+        drops or adds examples), before a tile of the wrong rows is written."""
+        if got != stop - start:
+            raise ValueError(
+                f"the loader gave {got} rows for the {stop - start} examples [{start}, {stop}) "
+                "of the dataset: an out-of-core store needs one row per example; pass a "
+                "collate_fn that keeps every example of a batch (the tiles already written "
+                "are kept: rerun with the fixed loader to resume)"
+            )
+
     def first_batch(self, k: int = 1) -> tuple:
         batch = next(iter(self.loader(0, min(k, self.n))))
         return (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
