@@ -258,3 +258,35 @@ def test_collate_dropping_examples_refused_and_resumable(tmp_path, dense):
     again = build(path)
     assert again.report.tiles_done_before == 4  # (0, 0) to (0, 3), written before (0, 4)
     assert rel(torch.from_numpy(H.read_store(path)), dense) < TOL
+
+
+def _batch_list():
+    x, y = H.make_data().tensors
+    return [(x[:4], y[:4]), (x[4:4], y[4:4]), (x[4:13], y[4:13]), (x[13:], y[13:])]
+
+
+def test_list_of_batches_read_as_without_a_store(tmp_path, dense):
+    """A list of batches (uneven, one empty) is read as the in-memory helpers read it: the
+    dataset of its examples in order; bare tensors as one-tensor batches."""
+    model = H.make_model()
+    batches = _batch_list()
+    got = GramMatrix(model, batches, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
+    assert rel(got.to_torch(), dense) < TOL
+    bare = GramMatrix(model, [b[0] for b in batches], store=str(tmp_path / "b.zarr"), tile=5,
+                      progress=False)
+    assert rel(bare.to_torch(), dense) < TOL
+    again = GramMatrix(model, batches, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
+    assert again.report.tiles_computed == 0  # the same data: resumed, nothing recomputed
+
+
+@pytest.mark.parametrize("batches, names", [
+    ([(torch.zeros(3, 6), ["a", "b", "c"])], "batch 0 .*not a tensor or a tuple of tensors"),
+    ([(torch.zeros(3, 6), torch.zeros(2))], "batch 0 .*one leading example dimension"),
+    ([torch.zeros(3, 6), (torch.zeros(3, 6), torch.zeros(3))], "batch 1 of the list has 2 tensors"),
+    ([], "no example was seen"),
+    ([(torch.zeros(0, 6), torch.zeros(0))], "empty"),
+])
+def test_list_of_bad_batches_refused(tmp_path, batches, names):
+    with pytest.raises((TypeError, ValueError), match=names):
+        GramMatrix(H.make_model(), batches, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
+    assert not (tmp_path / "g.zarr").exists()

@@ -129,3 +129,14 @@ def test_collate_dropping_examples_refused_and_resumable(tmp_path, jac):
     again = Jacobian(model, H.make_loader(), **kw)
     assert again.report.tiles_done_before == 9  # the first three row tiles, 3 chunks each
     assert rel(again.to_torch(), ref.to_torch()) < TOL
+
+
+def test_list_of_batches_read_as_without_a_store(tmp_path, jac):
+    model, ref, _ = jac
+    x, y = H.make_data().tensors
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    J = Jacobian(model, batches, representation=PushForwardStored, store=str(tmp_path / "j.zarr"),
+                 tile=6, d_chunk=50, progress=False)
+    assert rel(J.to_torch(), ref.to_torch()) < TOL
+    F = FIM(model, batches, PMatLowRank, store=str(tmp_path / "f.zarr"), progress=False)
+    assert rel(F.to_torch(), FIM(model, batches, PMatLowRank).to_torch()) < TOL

@@ -1,8 +1,9 @@
 """What the store-writing jobs (Gram, Jacobian; torchrun and dask engines) share.
 
 - Data access by example index: a job reads the examples of a tile ``[I*B, (I+1)*B)`` from
-  the *dataset* behind the loader it is given (``loader.dataset``, or a Dataset passed
-  directly), so that any rank or dask worker can compute any tile. The loader's sampler is
+  the *dataset* behind the loader it is given (``loader.dataset``, a Dataset passed
+  directly, or the examples of a list of batches), so that any rank or dask worker can
+  compute any tile. The loader's sampler is
   not used (a sharded or shuffled loader gives the same store as the plain one); its
   batch size and worker settings are.
 - Fingerprints: model parameters and buffers, the data (length and a hash of a sample of
@@ -39,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from .layout import StoreSpec, create_or_validate
 from .tiles import TileWriter, verify
@@ -160,17 +161,48 @@ _CARRIED = ("collate_fn", "num_workers", "pin_memory", "timeout", "worker_init_f
             "multiprocessing_context", "persistent_workers")
 
 
+def batches_dataset(batches: Sequence) -> tuple[TensorDataset, int]:
+    """The examples of a list of batches (what the in-memory helpers take as a loader), in
+    order, as a dataset, and the largest batch's size. Each batch is a tensor or a tuple
+    of tensors sharing their first (example) dimension."""
+    fields = None
+    for k, b in enumerate(batches):
+        b = (b,) if isinstance(b, torch.Tensor) else b
+        if not (isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in b)
+                and len({t.shape[0] for t in b}) == 1):
+            raise TypeError(
+                f"batch {k} of the list is not a tensor or a tuple of tensors with one leading "
+                "example dimension: a list given with store= is read as a list of batches, as "
+                "without it; pass a DataLoader over a map-style Dataset instead"
+            )
+        if fields is None:
+            fields = [[] for _ in b]
+        if len(b) != len(fields):
+            raise TypeError(f"batch {k} of the list has {len(b)} tensors, batch 0 has {len(fields)}")
+        for f, t in zip(fields, b):
+            f.append(t.detach())
+    if fields is None:
+        raise ValueError("the list of batches is empty: nothing to compute")
+    sizes = [t.shape[0] for t in fields[0]]
+    return TensorDataset(*(torch.cat(f) for f in fields)), max(max(sizes), 1)
+
+
 class DataSource:
     """The examples of a map-style dataset, read by index range in batches.
 
     Args:
         loader_or_dataset: a DataLoader (its ``dataset``, ``batch_size``, ``collate_fn`` and
-            worker settings are used; its sampler is not) or a map-style Dataset.
-        batch_size: overrides the loader's (default 128 for a bare Dataset).
+            worker settings are used; its sampler is not), a map-style Dataset, or a list
+            of batches (:func:`batches_dataset`: read as the in-memory helpers read it).
+        batch_size: overrides the loader's (default: the largest batch of a list; 128 for a
+            bare Dataset).
     """
 
     def __init__(self, loader_or_dataset: Any, batch_size: Optional[int] = None):
         settings: dict[str, Any] = {}
+        if isinstance(loader_or_dataset, (list, tuple)):
+            loader_or_dataset, largest = batches_dataset(loader_or_dataset)
+            batch_size = batch_size or largest
         if isinstance(loader_or_dataset, DataLoader):
             if loader_or_dataset.batch_sampler is None:
                 # no automatic batching: its dataset yields whole batches, which cannot be
