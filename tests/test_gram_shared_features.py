@@ -19,7 +19,7 @@ def _batches(n_in: int, sizes=(4, 1, 3)):
     torch.manual_seed(1)
     x = torch.randn(sum(sizes), n_in, dtype=torch.float64)
     out, e0 = [], 0
-    for s in sizes:  # a batch of one example pairs as shared on either side
+    for s in sizes:  # a batch of one example takes the plain route against shared ones
         out.append((x[e0:e0 + s],))
         e0 += s
     return out
