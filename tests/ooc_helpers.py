@@ -37,6 +37,18 @@ def make_loader(n: int = N, batch_size: int = 4) -> DataLoader:
     return DataLoader(make_data(n), batch_size=batch_size)
 
 
+def loader_dropping(k: int, batch_size: int = 4) -> DataLoader:
+    """A loader over :func:`make_data` whose collate_fn drops example ``k`` (a faulty one)."""
+    data = make_data()
+    dropped = data[k][0]
+
+    def collate(examples):
+        kept = [e for e in examples if not torch.equal(e[0], dropped)]
+        return torch.utils.data.default_collate(kept)
+
+    return DataLoader(data, batch_size=batch_size, collate_fn=collate)
+
+
 def dense_gram(outputs=None, n: int = N) -> torch.Tensor:
     """In-memory reference: GramMatrix (FMatDense) of the selected outputs."""
     from nngeo_dist import GramMatrix

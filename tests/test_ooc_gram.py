@@ -243,14 +243,7 @@ def test_collate_dropping_examples_refused_and_resumable(tmp_path, dense):
     """A collate_fn that drops an example gives a tile fewer rows than its examples: a
     clear error before that tile is written; the tiles written before it are kept, and a
     rerun with a fixed loader resumes."""
-    data = H.make_data()
-    dropped = data[21][0]  # in the last tile (examples 20-22)
-
-    def collate(examples):
-        kept = [e for e in examples if not torch.equal(e[0], dropped)]
-        return torch.utils.data.default_collate(kept)
-
-    bad = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)
+    bad = H.loader_dropping(21)  # in the last tile (examples 20-22)
     path = str(tmp_path / "g.zarr")
     with pytest.raises(ValueError, match=r"gave 2 rows for the 3 examples \[20, 23\).*collate_fn"):
         GramMatrix(H.make_model(), bad, representation=FMatStored, store=path, tile=5,

@@ -114,14 +114,7 @@ def test_collate_dropping_examples_refused_and_resumable(tmp_path, jac):
     """A tile of Jacobian rows short of an example is refused before it is written; the
     rows written before it are kept and a rerun with a fixed loader resumes."""
     model, ref, _ = jac
-    data = H.make_data()
-    dropped = data[19][0]  # in the last tile (examples 18-22)
-
-    def collate(examples):
-        kept = [e for e in examples if not torch.equal(e[0], dropped)]
-        return torch.utils.data.default_collate(kept)
-
-    bad = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)
+    bad = H.loader_dropping(19)  # in the last tile (examples 18-22)
     path = str(tmp_path / "j.zarr")
     kw = dict(representation=PushForwardStored, store=path, tile=6, d_chunk=50, progress=False)
     with pytest.raises(ValueError, match=r"gave 4 rows for the 5 examples \[18, 23\).*collate_fn"):
