@@ -179,7 +179,10 @@ def batches_dataset(batches: Sequence) -> tuple[TensorDataset, int]:
             fields = [[] for _ in b]
         if len(b) != len(fields):
             raise TypeError(f"batch {k} of the list has {len(b)} tensors, batch 0 has {len(fields)}")
-        for f, t in zip(fields, b):
+        for j, (f, t) in enumerate(zip(fields, b)):
+            if f and t.shape[1:] != f[0].shape[1:]:
+                raise TypeError(f"tensor {j} of batch {k} of the list has examples of shape "
+                                f"{tuple(t.shape[1:])}, batch 0's {tuple(f[0].shape[1:])}")
             f.append(t.detach())
     if fields is None:
         raise ValueError("the list of batches is empty: nothing to compute")
