@@ -22,3 +22,8 @@ def test_bench_core_quick(tmp_path):
     for r in rec["results"]:
         assert r["agree"] and set(r["time_s"]) == {"ours", "nngeo", "tfunc"}, r
         assert max(r["rel_diff"].values()) <= rec["tol"], r
+        for t in r["targets"]:  # the time a target allows: bound x the peer's time, vs the floor
+            peer_t = r["time_s"]["nngeo"] if t["peer"] == "nngeo" else min(
+                r["time_s"]["nngeo"], r["time_s"]["tfunc"])
+            assert t["allowed_s"] == pytest.approx(t["bound"] * peer_t), t
+            assert t["allowed_over_floor"] == pytest.approx(t["allowed_s"] / r["floor_s"]), t
