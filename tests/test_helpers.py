@@ -293,6 +293,46 @@ def test_fim_montecarlo_implicit_mv():
 
 
 @pm("variant", ["classif_logits", "regression"])
+def test_fim_montecarlo_implicit_is_one_matrix(variant):
+    """A Monte-Carlo PMatImplicit is the matrix of ONE set of draws: every operation (one
+    pass over the data each) replays them, so it equals PMatDense of the same seed, and
+    CG converges to that matrix's solve."""
+    cs = case(MC_MODEL)
+    kw = dict(variant=variant, trials=2, seed=11)
+    D = FIM_MonteCarlo(cs.model, cs.loader, PMatDense, **kw).to_torch()
+    F = FIM_MonteCarlo(cs.model, cs.loader, PMatImplicit, **kw)
+    v = PVector(F.layer_collection, vector_repr=cs.v.clone())
+    ref = cs.v @ D @ cs.v
+    assert rel(F.mv(v).to_torch(), D @ cs.v) < 1e-12
+    for _ in range(2):
+        assert rel(F.vTMv(v), ref) < 1e-12
+    assert rel(F.trace(), torch.trace(D)) < 1e-12
+    assert rel(F.get_diag(), torch.diagonal(D)) < 1e-12
+    regul = 1e-2 * float(torch.trace(D)) / D.shape[0]
+    x = F.solve(v, regul=regul).to_torch()
+    assert rel(x, torch.linalg.solve(D + regul * torch.eye(D.shape[0], dtype=D.dtype), cs.v)) < 1e-8
+
+
+def test_fim_montecarlo_implicit_unseeded_draws_once_from_global_rng():
+    """Without a seed the draws come from torch's global generator: the first operation
+    advances it as a dense build would, later operations replay without touching it."""
+    cs = case(MC_MODEL)
+    torch.manual_seed(21)
+    D = FIM_MonteCarlo(cs.model, cs.loader, PMatDense, trials=2).to_torch()
+    after_build = torch.rand(3)
+    torch.manual_seed(21)
+    F = FIM_MonteCarlo(cs.model, cs.loader, PMatImplicit, trials=2)
+    v = PVector(F.layer_collection, vector_repr=cs.v.clone())
+    first = F.vTMv(v)
+    assert torch.equal(torch.rand(3), after_build)
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    assert rel(F.vTMv(v), first) < 1e-12 and rel(first, cs.v @ D @ cs.v) < 1e-12
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+@pm("variant", ["classif_logits", "regression"])
 def test_fim_montecarlo_seed_reproducible(variant):
     cs = case(MC_MODEL)
 

@@ -7,7 +7,8 @@ rank must still take part in the reduction).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +81,7 @@ class Generator:
         #: the torch.Generator a random function draws from (None: torch's global one)
         self.rng: Optional[torch.Generator] = None
         self._rng_snapshot = None
+        self._rng_origin = None  # the random state of the first replayed pass
 
     # iteration ------------------------------------------------------------------------
     def batches(self, loader: Iterable, desc: str = "") -> Iterable[tuple]:
@@ -317,6 +319,27 @@ class Generator:
             torch.cuda.set_rng_state(state, self.device)
         else:
             torch.set_rng_state(state)
+
+    @contextmanager
+    def replaying_draws(self) -> Iterator[None]:
+        """A pass over the data inside this context draws what the first such pass drew.
+
+        A random function (a Monte-Carlo FIM root) stands for ONE sampled matrix, so an
+        object that passes over the data once per operation (PMatImplicit: every mv,
+        vTMv, trace and CG step) must replay the same draws each time. The first pass
+        draws as usual; a later one starts from the random state the first started from,
+        and afterwards the random state is put back, so that torch's global generator
+        (used when no seed was given) advances once, not once per operation."""
+        if self._rng_origin is None:
+            self._rng_origin = self._rng_state()
+            yield
+            return
+        before = self._rng_state()
+        self._restore_rng(self._rng_origin)
+        try:
+            yield
+        finally:
+            self._restore_rng(before)
 
     def vjp(self, batch, u: Tensor) -> list[Tensor]:
         """J^T u for the batch last seen by :meth:`jvp_batches`; a random function (a

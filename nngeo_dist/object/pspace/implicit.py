@@ -61,7 +61,8 @@ class PMatImplicit(PMatAbstract):
         def local():
             totals, counts = [], []
             for _, gen, loader in self.terms:
-                total, count = per_term(gen, loader)
+                with gen.replaying_draws():  # a Monte-Carlo term is the same matrix every pass
+                    total, count = per_term(gen, loader)
                 totals.append(total.reshape(-1).to(like.dtype))
                 counts.append(float(count))
             return torch.cat(totals + [like.new_tensor(counts)]), 0
