@@ -96,6 +96,30 @@ IMPLICIT_SUBSET = ["linear", "conv2d_stride_pad", "convtranspose2d", "batchnorm2
                    "rmsnorm", "embedding_padidx", "mixed_cnn"]
 
 
+def test_sparse_embedding_gradients():
+    """Embedding(sparse=True) gets sparse gradients from autograd: the implicit operator
+    (whose mv is a backward pass) and PVector.from_model_grad work on them as on dense
+    ones, against the float64 oracle of the same model with sparse=False."""
+    dense_model, batches, _ = make("embedding_padidx")
+    F_ref = oracle.fim_dense(dense_model, batches)  # the same function, dense gradients
+    model = copy.deepcopy(dense_model)
+    model[0].sparse = True
+    loader = loader_of(batches)
+    F = FIM(model, loader, PMatImplicit)
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(F_ref.shape[0], generator=g, dtype=torch.float64)
+    pv = PVector(F.layer_collection, vector_repr=v.clone())
+    assert rel(F.mv(pv).to_torch(), F_ref @ v) < 1e-12
+    regul = 1e-2
+    x = F.solve(pv, regul=regul).to_torch()
+    assert rel(x, torch.linalg.solve(F_ref + regul * torch.eye(len(v), dtype=v.dtype), v)) < 1e-8
+    model.zero_grad()
+    model(batches[0][0]).sum().backward()
+    assert model[0].weight.grad.is_sparse
+    grads = torch.cat([p.grad.to_dense().flatten() for p in model.parameters()])
+    assert torch.equal(PVector.from_model_grad(model).to_torch(), grads)
+
+
 @pm("name", CLASSIF)
 def test_fim_classif_logits(name):
     cs = case(name)

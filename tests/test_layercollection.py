@@ -165,6 +165,14 @@ def test_embedding_max_norm_refused_with_reason():
         LayerCollection.from_model(model)
 
 
+def test_embedding_scale_grad_by_freq_refused_with_reason():
+    """torch scales an Embedding's gradient by index counts over the whole batch: an
+    example's gradient would depend on its batch mates."""
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True))
+    with pytest.raises(TypeError, match="'0'.*scale_grad_by_freq"):
+        LayerCollection.from_model(model)
+
+
 def test_norm_without_affine_has_no_parameters_to_collect():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False), nn.LayerNorm(3, elementwise_affine=False))
     lc = LayerCollection.from_model(model)

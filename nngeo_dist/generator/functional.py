@@ -99,7 +99,9 @@ class FunctionalModel:
         params = [p.detach().requires_grad_(True) for p in self.params]
         with torch.enable_grad():
             out = self(params, batch)
-        return list(torch.autograd.grad(out, params, grad_outputs=cotangent, allow_unused=True))
+        grads = torch.autograd.grad(out, params, grad_outputs=cotangent, allow_unused=True)
+        # an Embedding(sparse=True) gets a sparse gradient: the vector algebra is dense
+        return [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
 
     def per_example_jacobians(self, batch: Sequence) -> list[Tensor]:
         """Per parameter, (N, K, *shape): d f_k(x_n) / d param, one example at a time (vmap)."""

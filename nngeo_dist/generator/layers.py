@@ -847,6 +847,13 @@ class EmbeddingMath(AffineMath):
                 f"module '{name}' (Embedding) has max_norm set: it rewrites its weight "
                 "during the forward pass, so gradients are not those of the stored weight"
             )
+        if mod.scale_grad_by_freq:
+            raise TypeError(
+                f"module '{name}' (Embedding) has scale_grad_by_freq=True: torch divides its "
+                "gradient by each index's count in the whole batch, so an example's gradient "
+                "depends on the other examples of its batch and no per-example quantity is "
+                "defined; build the Fisher on a copy with scale_grad_by_freq=False"
+            )
 
     def has_bias(self, mod):
         return False

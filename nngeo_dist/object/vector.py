@@ -49,7 +49,8 @@ class PVector:
         def grad(p):
             if p.grad is None:
                 raise ValueError("a parameter has no .grad: run loss.backward() first")
-            return p.grad.detach().clone()
+            g = p.grad.detach()
+            return g.to_dense() if g.is_sparse else g.clone()  # Embedding(sparse=True)
 
         return PVector._from_tensors(model, layer_collection, grad)
 
