@@ -164,6 +164,53 @@ def test_mismatched_fingerprint_refused(stored):
         build(stored.path, resume=False)
 
 
+def test_another_function_of_the_same_name_refused(tmp_path):
+    """Two closures of one factory share a qualified name, and so can two architectures
+    with the same parameters: the store compares the function's outputs on the sampled
+    examples, so neither resumes the other's store; the same function does."""
+    model = H.make_model()
+
+    def scaled(s, m=model):
+        return lambda x, y: s * m(x)
+
+    path = str(tmp_path / "g.zarr")
+
+    def run(function, m=model):
+        return GramMatrix(m, H.make_loader(), function=function, representation=FMatStored,
+                          store=path, tile=7, progress=False)
+
+    first = run(scaled(1.0))
+    assert run(scaled(1.0)).report.tiles_computed == 0
+    with pytest.raises(StoreMismatchError, match="another function"):
+        run(scaled(1.5))
+    relu = H.make_model()
+    relu[1], relu[3] = torch.nn.ReLU(), torch.nn.ReLU()  # same parameters, same fingerprint
+    with pytest.raises(StoreMismatchError, match="another function"):
+        run(scaled(1.0, relu), relu)
+    assert first.report.tiles_computed == len(gram_tiles(H.N, 7))
+    dropout = torch.nn.Sequential(H.make_model(), torch.nn.Dropout(0.5)).eval()
+    path = str(tmp_path / "dropout.zarr")
+    run(None, dropout)
+    dropout.train()  # its outputs are random now: no store can be resumed with it
+    with pytest.raises(StoreMismatchError, match=r"model\.eval\(\)"):
+        run(None, dropout)
+
+
+def test_function_probe_tolerance():
+    """Recomputed outputs that differ in their last bits resume; a change beyond
+    PROBE_RTOL of the largest output is refused."""
+    from nngeo_dist.store.job import PROBE_RTOL, check_probe
+
+    a = [3.0, -1.5, 0.25, float("nan")]
+    check_probe(a, [3.0 * (1 + 1e-7), -1.5, 0.25, float("nan")], "here")
+    check_probe(None, a, "here")  # a store written before probes: nothing to compare
+    with pytest.raises(StoreMismatchError, match="differ by 0.001"):
+        check_probe(a, [3.0, -1.5, 0.25 + 3e-3, float("nan")], "here")
+    with pytest.raises(StoreMismatchError, match="number 3, the store's 4"):
+        check_probe(a, a[:3], "here")
+    assert PROBE_RTOL < 1e-3
+
+
 def test_tile_larger_than_n_and_overwrite(tmp_path, dense):
     K = build(tmp_path / "g.zarr", tile=100)
     assert K.spec.chunks == (3, 23, 3, 23) and K.report.tiles_total == 1
@@ -241,10 +288,15 @@ def test_loaders_not_read_by_index_refused(tmp_path, loader, names):
 
 def test_collate_dropping_examples_refused_and_resumable(tmp_path, dense):
     """A collate_fn that drops an example gives a tile fewer rows than its examples: a
-    clear error before that tile is written; the tiles written before it are kept, and a
+    clear error before that tile is written (before the store is created when the
+    example is one the fingerprint samples); the tiles written before it are kept, and a
     rerun with a fixed loader resumes."""
-    bad = H.loader_dropping(21)  # in the last tile (examples 20-22)
     path = str(tmp_path / "g.zarr")
+    with pytest.raises(ValueError, match=r"gave 15 rows for the 16 examples \[0, 1, 3.*collate_fn"):
+        GramMatrix(H.make_model(), H.loader_dropping(21), representation=FMatStored, store=path,
+                   tile=5, progress=False)  # 21 is among the examples the fingerprint samples
+    assert not (tmp_path / "g.zarr").exists()
+    bad = H.loader_dropping(20)  # in the last tile (examples 20-22), not sampled
     with pytest.raises(ValueError, match=r"gave 2 rows for the 3 examples \[20, 23\).*collate_fn"):
         GramMatrix(H.make_model(), bad, representation=FMatStored, store=path, tile=5,
                    progress=False, background_writes=False)

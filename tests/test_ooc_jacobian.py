@@ -114,7 +114,7 @@ def test_collate_dropping_examples_refused_and_resumable(tmp_path, jac):
     """A tile of Jacobian rows short of an example is refused before it is written; the
     rows written before it are kept and a rerun with a fixed loader resumes."""
     model, ref, _ = jac
-    bad = H.loader_dropping(19)  # in the last tile (examples 18-22)
+    bad = H.loader_dropping(20)  # in the last tile (examples 18-22), not sampled
     path = str(tmp_path / "j.zarr")
     kw = dict(representation=PushForwardStored, store=path, tile=6, d_chunk=50, progress=False)
     with pytest.raises(ValueError, match=r"gave 4 rows for the 5 examples \[18, 23\).*collate_fn"):

@@ -35,6 +35,7 @@ from .job import (
     barrier,
     data_fingerprint,
     function_identity,
+    function_probe,
     model_fingerprint,
     now,
     outputs_id,
@@ -155,6 +156,7 @@ def open_job(generator, loader, store, group, outputs, progress, batch_size, use
         c = count_outputs(gen, source)
         spec = make_spec(gen, source, c, user_function if user_function is not None else base_function,
                          outputs)
+        spec.meta["function_probe"] = function_probe(gen.function, source, gen.device)
     check_same_across_ranks(repr(sorted(spec.fingerprint.items())), f"{what} (model, data, "
                             "function, outputs, tile, dtype)", group,
                             "give every rank the same model, dataset and arguments")

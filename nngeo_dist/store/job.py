@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-from .layout import StoreSpec, create_or_validate
+from .layout import StoreSpec, _store_name, create_or_validate
 from .tiles import TileWriter, verify
 
 log = logging.getLogger("nngeo_dist.store")
@@ -52,7 +52,8 @@ FAULT_ENV = "NNGEO_DIST_FAULT_AFTER_TILES"
 
 __all__ = [
     "OutputSelection", "parse_outputs", "outputs_id", "select_outputs",
-    "DataSource", "data_fingerprint", "model_fingerprint", "function_identity",
+    "DataSource", "data_fingerprint", "model_fingerprint", "function_identity", "function_probe",
+    "check_probe", "sample_indices",
     "prepare_store", "split_contiguous", "JobReport", "Progress", "HookedWriter", "BackgroundWrites",
 ]
 
@@ -255,6 +256,22 @@ class DataSource:
                 "are kept: rerun with the fixed loader to resume)"
             )
 
+    def examples(self, indices: Sequence[int]) -> tuple:
+        """One batch of the examples at ``indices``, collated as the loader would (a
+        collate_fn that drops or adds examples is refused here, before any tile)."""
+        kw = {"collate_fn": self.settings["collate_fn"]} if self.settings.get("collate_fn") else {}
+        batch = next(iter(DataLoader(Subset(self.dataset, list(indices)), batch_size=len(indices),
+                                     shuffle=False, **kw)))
+        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        rows = next((t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim()), None)
+        if rows is not None and rows != len(indices):
+            raise ValueError(
+                f"the loader gave {rows} rows for the {len(indices)} examples {list(indices)} of "
+                "the dataset: an out-of-core store needs one row per example; pass a collate_fn "
+                "that keeps every example of a batch"
+            )
+        return batch
+
     def first_batch(self, k: int = 1) -> tuple:
         batch = next(iter(self.loader(0, min(k, self.n))))
         return (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
@@ -290,13 +307,25 @@ def _hash_obj(h, obj: Any) -> None:
             h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj)).encode())
 
 
-def data_fingerprint(dataset: Any, n_sample: int = 16) -> str:
-    """sha256 of the dataset's length and of ``n_sample`` examples spread over it
-    (indices ``linspace(0, n-1)``: first and last included)."""
+#: examples a store's fingerprint samples (its data hash and its function probe)
+N_SAMPLE = 16
+
+#: a resumed job's function probe may differ from the store's by this much (relative to the
+#: largest output): recomputing on other hardware or thread counts changes the last bits,
+#: another function changes far more
+PROBE_RTOL = 1e-4
+
+
+def sample_indices(n: int, n_sample: int = N_SAMPLE) -> list[int]:
+    """``n_sample`` example indices spread over ``[0, n)``, first and last included."""
+    return sorted(set(np.linspace(0, n - 1, min(n, n_sample)).round().astype(int).tolist())) if n else []
+
+
+def data_fingerprint(dataset: Any, n_sample: int = N_SAMPLE) -> str:
+    """sha256 of the dataset's length and of the examples :func:`sample_indices` picks."""
     n = len(dataset)
     h = hashlib.sha256(f"n={n}".encode())
-    idx = sorted(set(np.linspace(0, n - 1, min(n, n_sample)).round().astype(int).tolist())) if n else []
-    for i in idx:
+    for i in sample_indices(n, n_sample):
         h.update(f"[{i}]".encode())
         _hash_obj(h, dataset[i])
     return h.hexdigest()
@@ -314,6 +343,46 @@ def model_fingerprint(model: torch.nn.Module, layer_collection=None) -> str:
     if layer_collection is not None:
         h.update(repr(layer_collection).encode())
     return h.hexdigest()
+
+
+def function_probe(function: Callable, source: "DataSource", device: torch.device) -> list[float]:
+    """The function's outputs on the examples :func:`sample_indices` picks, flattened
+    ``(k, c)`` in float64.
+
+    A name cannot tell two lambdas, two closures of one factory, or two architectures with
+    the same parameters apart; their outputs on the same examples can. A resumed job
+    compares its probe with the store's (:func:`check_probe`)."""
+    batch = source.examples(sample_indices(source.n))
+    batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
+    with torch.no_grad():
+        out = function(*batch)
+    return out.detach().to(torch.float64).reshape(-1).cpu().tolist()
+
+
+def check_probe(stored: Optional[list], requested: Optional[list], where: str) -> None:
+    """Raise :class:`StoreMismatchError` when a resumed job's function probe is not the
+    store's within :data:`PROBE_RTOL` (a store written without a probe is not checked)."""
+    from .layout import StoreMismatchError
+
+    if stored is None or requested is None:
+        return
+    a, b = np.asarray(stored, dtype=np.float64), np.asarray(requested, dtype=np.float64)
+    if a.shape == b.shape:
+        both_nan = np.isnan(a) & np.isnan(b)
+        scale = max(np.abs(np.where(both_nan, 0, a)).max(initial=0), np.abs(np.where(both_nan, 0, b)).max(initial=0))
+        gap = np.abs(np.where(both_nan, 0, a - b)).max(initial=0) / max(scale, np.finfo(np.float64).tiny)
+        if not np.isnan(gap) and gap <= PROBE_RTOL:
+            return
+        what = f"differ by {gap:.3g} relative to the largest"
+    else:
+        what = f"number {b.size}, the store's {a.size}"
+    raise StoreMismatchError(
+        f"the store at {where} was computed with another function: its outputs on the "
+        f"{N_SAMPLE} sampled examples {what} (tolerance {PROBE_RTOL:g}). Another function or "
+        "architecture with the same parameters, or a random model (dropout in training mode: "
+        "call model.eval()), cannot resume this store. Pass a new path, or overwrite=True "
+        f"(--overwrite) to delete {where} and recompute it."
+    )
 
 
 def function_identity(function: Optional[Callable], function_id: Optional[str] = None) -> str:
@@ -367,6 +436,9 @@ def prepare_store(path: Any, spec: StoreSpec, group=None, resume: bool = True, o
             existed = (not overwrite) and store_exists(path, storage_options)
             grp = create_or_validate(path, spec, overwrite=overwrite, resume=resume,
                                      storage_options=storage_options)
+            if existed:
+                check_probe(dict(grp.attrs.get("meta", {})).get("function_probe"),
+                            spec.meta.get("function_probe"), _store_name(path))
             writer = TileWriter(grp)
             altered: list = []
             if existed and verify_on_resume:
