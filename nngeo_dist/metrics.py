@@ -92,8 +92,14 @@ def FIM(
 
         if representation is PMatLowRank:
             representation = PMatLowRankStored
-        if representation is PMatLowRankStored:  # recorded in the store's fingerprint
-            kw.update(variant=variant, user_function=function)
+        if representation is not PMatLowRankStored:
+            name = getattr(representation, "__name__", "a mapping of representations")
+            raise TypeError(
+                f"store= streams per-example Jacobians to a zarr store, which only PMatLowRank "
+                f"is built from; {name} is computed in memory: drop store= (and save the "
+                "result with .save(path) if it should be kept)"
+            )
+        kw.update(variant=variant, user_function=function)  # recorded in the store's fingerprint
         kw["store"] = store
     return _build(representation, gen, loader, group, **kw)
 

@@ -133,3 +133,50 @@ def test_list_of_batches_read_as_without_a_store(tmp_path, jac):
     assert rel(J.to_torch(), ref.to_torch()) < TOL
     F = FIM(model, batches, PMatLowRank, store=str(tmp_path / "f.zarr"), progress=False)
     assert rel(F.to_torch(), FIM(model, batches, PMatLowRank).to_torch()) < TOL
+
+
+def test_default_chunks_bound_a_tile_in_memory():
+    """The default example tile keeps its Jacobian rows (c, B, d) within the budget, down
+    to one example for a model too large for more; chunks stay within 16 M entries."""
+    from nngeo_dist.store.jacobian import (DEFAULT_CHUNK_ENTRIES, DEFAULT_ROW_TILE_ENTRIES,
+                                           default_jacobian_chunks)
+
+    assert default_jacobian_chunks(23, 3, 119) == (23, 119)  # small: one tile, one chunk
+    for n, c, d in [(5000, 10, 31_000), (100_000, 10, 25_000_000), (3, 1000, 10**9)]:
+        B, D0 = default_jacobian_chunks(n, c, d)
+        assert B == max(1, min(n, 1024, DEFAULT_ROW_TILE_ENTRIES // (c * d)))
+        assert B == 1 or c * B * d <= DEFAULT_ROW_TILE_ENTRIES
+        assert c * B * D0 <= max(DEFAULT_CHUNK_ENTRIES, c * B)
+    assert default_jacobian_chunks(5000, 10, 31_000)[0] == 216
+
+
+@pytest.mark.parametrize("kw, name", [(dict(tile=0), "tile=0"), (dict(tile=2.5), "tile=2.5"),
+                                      (dict(tile=-3), "tile=-3"), (dict(d_chunk=0), "d_chunk=0")])
+def test_bad_chunk_sizes_refused(tmp_path, kw, name):
+    """0 or 2.5 would silently mean the default or 2: refused, nothing written."""
+    with pytest.raises(ValueError, match=rf"{name}: a chunk size must be a positive whole number"):
+        Jacobian(H.make_model(), H.make_loader(), representation=PushForwardStored,
+                 store=str(tmp_path / "j.zarr"), progress=False, **kw)
+    assert not (tmp_path / "j.zarr").exists()
+
+
+def test_store_with_a_representation_held_in_memory_refused(tmp_path):
+    from nngeo_dist.object import PMatDiag, PMatKFAC
+
+    for rep in (PMatDiag, PMatKFAC):
+        with pytest.raises(TypeError, match=f"only PMatLowRank.*{rep.__name__} is computed in memory"):
+            FIM(H.make_model(), H.make_loader(), rep, store=str(tmp_path / "f.zarr"))
+    assert not (tmp_path / "f.zarr").exists()
+
+
+@pytest.mark.parametrize("helper", ["Jacobian", "GramMatrix"])
+def test_n_output_checked_with_a_store(tmp_path, helper):
+    """n_output is checked as without a store, before the store is created."""
+    from nngeo_dist import GramMatrix
+
+    fn = {"Jacobian": Jacobian, "GramMatrix": GramMatrix}[helper]
+    with pytest.raises(ValueError, match="n_output=5 but the function returns 3 outputs"):
+        fn(H.make_model(), H.make_loader(), n_output=5, store=str(tmp_path / "s.zarr"), progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+    got = fn(H.make_model(), H.make_loader(), n_output=3, store=str(tmp_path / "s.zarr"), progress=False)
+    assert got.to_torch().shape[0] == 3

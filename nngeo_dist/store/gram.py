@@ -33,6 +33,7 @@ from .job import (
     JobReport,
     Progress,
     barrier,
+    chunk_size,
     data_fingerprint,
     function_identity,
     function_probe,
@@ -154,6 +155,7 @@ def open_job(generator, loader, store, group, outputs, progress, batch_size, use
     source = DataSource(loader, batch_size)
     with collective_errors(group):
         c = count_outputs(gen, source)
+        generator._check_n_output(c)  # n_output=, as the in-memory helpers check it
         spec = make_spec(gen, source, c, user_function if user_function is not None else base_function,
                          outputs)
         spec.meta["function_probe"] = function_probe(gen.function, source, gen.device)
@@ -175,9 +177,7 @@ def gram_spec(generator, source: DataSource, tile: Optional[int], dtype: Any, ou
               meta: Optional[dict] = None) -> StoreSpec:
     """The store spec (and fingerprint) of a Gram job."""
     n = source.n
-    B = int(tile) if tile else default_tile(n, c)
-    if B < 1:
-        raise ValueError(f"tile={tile}: the tile size must be a positive number of examples")
+    B = chunk_size(tile, "tile") or default_tile(n, c)
     dtype = normalise_dtype(dtype or generator.dtype)
     fp = {
         "model": model_fingerprint(generator.model, generator.layer_collection),

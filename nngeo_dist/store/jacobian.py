@@ -24,6 +24,7 @@ from .job import (
     HookedWriter,
     JobReport,
     barrier,
+    chunk_size,
     data_fingerprint,
     function_identity,
     model_fingerprint,
@@ -39,11 +40,16 @@ __all__ = ["default_jacobian_chunks", "jacobian_spec", "build_jacobian_store"]
 #: Default bound on one chunk (c, B, D0), in entries (16 M: 64 MB float32).
 DEFAULT_CHUNK_ENTRIES = 16 * 1024 * 1024
 
+#: entries of the (c, B, d) Jacobian rows a default example tile may hold in memory (the
+#: job holds one tile, plus one being written): 256 MB in float32
+DEFAULT_ROW_TILE_ENTRIES = 64 * 1024 * 1024
+
 
 def default_jacobian_chunks(n: int, c: int, d: int) -> tuple[int, int]:
-    """``(B, D0)``: ``B`` up to 1024 examples, then ``D0`` so a chunk holds at most 16 M
-    entries (``D0 = d`` when it fits)."""
-    B = max(1, min(n, 1024, DEFAULT_CHUNK_ENTRIES // max(1, c)))
+    """``(B, D0)``: ``B`` up to 1024 examples and at most what keeps a tile's rows
+    ``(c, B, d)`` within :data:`DEFAULT_ROW_TILE_ENTRIES` (one example at least), then
+    ``D0`` so a chunk holds at most 16 M entries (``D0 = d`` when it fits)."""
+    B = max(1, min(n, 1024, DEFAULT_ROW_TILE_ENTRIES // max(1, c * d)))
     D0 = max(1, min(d, DEFAULT_CHUNK_ENTRIES // max(1, c * B)))
     if D0 < d:
         D0 = math.ceil(d / math.ceil(d / D0))  # equal-sized chunks
@@ -63,10 +69,9 @@ def jacobian_spec(generator, source: DataSource, tile: Optional[int], d_chunk: O
                   c: int, kind: str = "jacobian", meta: Optional[dict] = None) -> StoreSpec:
     n, d = source.n, generator.layer_collection.numel()
     B0, D00 = default_jacobian_chunks(n, c, d)
-    B = int(tile) if tile else B0
-    D0 = int(d_chunk) if d_chunk else (D00 if not tile else max(1, min(d, DEFAULT_CHUNK_ENTRIES // max(1, c * B))))
-    if B < 1 or D0 < 1:
-        raise ValueError(f"tile={tile}, d_chunk={d_chunk}: chunk sizes must be positive")
+    tile, d_chunk = chunk_size(tile, "tile"), chunk_size(d_chunk, "d_chunk")
+    B = tile or B0
+    D0 = d_chunk or (D00 if not tile else max(1, min(d, DEFAULT_CHUNK_ENTRIES // max(1, c * B))))
     dtype = normalise_dtype(dtype or generator.dtype)
     fp = {
         "model": model_fingerprint(generator.model, generator.layer_collection),

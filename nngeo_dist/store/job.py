@@ -53,7 +53,7 @@ FAULT_ENV = "NNGEO_DIST_FAULT_AFTER_TILES"
 __all__ = [
     "OutputSelection", "parse_outputs", "outputs_id", "select_outputs",
     "DataSource", "data_fingerprint", "model_fingerprint", "function_identity", "function_probe",
-    "check_probe", "sample_indices",
+    "check_probe", "sample_indices", "chunk_size",
     "prepare_store", "split_contiguous", "JobReport", "Progress", "HookedWriter", "BackgroundWrites",
 ]
 
@@ -314,6 +314,17 @@ N_SAMPLE = 16
 #: largest output): recomputing on other hardware or thread counts changes the last bits,
 #: another function changes far more
 PROBE_RTOL = 1e-4
+
+
+def chunk_size(value: Any, name: str) -> Optional[int]:
+    """A user's tile or chunk size as an int, ``None`` for the default; anything else than
+    a positive whole number is refused (0 or 2.5 would silently mean something else)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not float(value).is_integer() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: a chunk size must be a positive whole number "
+                         "(or None for the default)")
+    return int(value)
 
 
 def sample_indices(n: int, n_sample: int = N_SAMPLE) -> list[int]:
