@@ -404,6 +404,17 @@ def test_bad_vectors_and_operations():
         F - F
     assert rel((2.5 * F).to_torch(), 2.5 * F.to_torch()) < 1e-14
     assert rel((F * 2.5).to_torch(), 2.5 * F.to_torch()) < 1e-14
+    # a negative multiple would have factors whose eigenvalues solve/pow clip at 0: refused,
+    # and the EKFAC it points to solves it exactly
+    with pytest.raises(ValueError, match=r"scaled by x >= 0, not -1.0.*PMatEKFAC"):
+        -1 * F
+    E = -1.0 * PMatEKFAC.from_kfac(F)
+    M = E.to_torch()
+    assert rel(M, -F.to_torch()) < 1e-12
+    regul = 2 * float(torch.linalg.eigvalsh(F.to_torch()).max())  # M + regul I invertible
+    v = random_vector(F.layer_collection)
+    want = torch.linalg.solve(M + regul * torch.eye(M.shape[0], dtype=M.dtype), v.to_torch())
+    assert rel(E.solve(v, regul=regul).to_torch(), want) < 1e-10
     assert rel(F.mm(F).to_torch(), F.to_torch() @ F.to_torch()) < RTOL
     with pytest.raises(TypeError):
         F.mm(FIM(model, loader_of(batches), PMatBlockDiag))

@@ -299,6 +299,12 @@ class PMatKFAC(PMatAbstract):
 
     def __rmul__(self, x):
         x = float(x) if not isinstance(x, Tensor) else x
+        if x < 0:  # its factors' eigendecompositions (solve, inverse, pow) assume PSD factors
+            raise ValueError(
+                f"PMatKFAC keeps A (x) G as two PSD factors, whose eigenvalues solve, inverse and "
+                f"pow clip at 0: it can only be scaled by x >= 0, not {float(x)}; for a negative "
+                "multiple scale a PMatEKFAC (PMatEKFAC.from_kfac) or to_torch()"
+            )
         data = OrderedDict((n, (a, x * g)) for n, (a, g) in self.data.items())
         return PMatKFAC(self.layer_collection, data, self.generator, self.eig_dtype)
 
