@@ -291,6 +291,19 @@ def test_add(name, rep):
     value_or_no_closed_form(lambda: M + R, _check_combination(name, rep, want))
 
 
+def test_lowrank_sum_of_different_sizes():
+    """J_1^T J_1 / n_1 + J_2^T J_2 / n_2 holds for any n_1, n_2 (and a sum of sums)."""
+    model, batches, c = make("linear", n=10)
+    variant = variant_of(c)
+    first, last = batches[:1], batches[1:]
+    A = FIM(model, loader_of(first), PMatLowRank, variant=variant)
+    B = FIM(model, loader_of(last), PMatLowRank, variant=variant)
+    assert A.n != B.n
+    FA, FB = oracle.fim_dense(model, first, variant), oracle.fim_dense(model, last, variant)
+    assert rel((A + B).to_torch(), FA + FB) < 1e-12
+    assert rel(((A + A) + B).to_torch(), 2 * FA + FB) < 1e-12
+
+
 @models
 @reps
 def test_sub(name, rep):

@@ -209,9 +209,9 @@ class PMatLowRank(PMatAbstract):
         """J_1^T J_1 / n_1 + J_2^T J_2 / n_2 = [J_1 / sqrt(n_1); J_2 / sqrt(n_2)]^T [...]:
         still low rank, rows stacked (per rank in a group), n = 1."""
         self._same_kind(other)
-        if other.group is not self.group or other.layout.counts != self.layout.counts:
-            raise ValueError("the two low-rank matrices are sharded differently: build both "
-                             "from the same shards")
+        if other.group is not self.group:  # each rank stacks its own rows of both
+            raise ValueError("the two low-rank matrices live on different process groups: "
+                             "build both on the same group")
         d = self.data.shape[-1]
         rows = torch.cat([self._rows() / self.n ** 0.5, other._rows() / other.n ** 0.5]).reshape(1, -1, d)
         ca, cb = self.data.shape[0], other.data.shape[0]
