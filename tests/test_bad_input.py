@@ -20,6 +20,7 @@ from nngeo_dist.object import (
     PMatDense,
     PMatDiag,
     PMatImplicit,
+    PMatKFAC,
     PMatLowRank,
     PushForwardImplicit,
     PVector,
@@ -501,6 +502,15 @@ def test_binary_variant_on_several_logits():
         FIM(model, loader_of(batches), PMatDense, variant="classif_binary_logits")
     msg = message(e)
     assert "one logit" in msg and "classif_logits" in msg, msg
+
+
+@pytest.mark.parametrize("rep", [PMatDense, PMatKFAC])
+def test_classif_logits_on_one_dimensional_outputs(rep):
+    """A function returning (batch,) has no class axis: named, with the variant to use."""
+    model, batches, _ = make("linear")
+    with pytest.raises(ValueError, match=r"classif_logits needs logits of shape \(batch, c\).*"
+                                         r"shape \(\d+,\).*classif_binary_logits"):
+        FIM(model, loader_of(batches), rep, function=lambda x, y: model(x)[:, 0])
 
 
 def test_montecarlo_zero_trials():

@@ -55,6 +55,12 @@ def fim_root(function: Callable, variant: str) -> Callable:
 def _multinomial_cholesky_root(f: Tensor) -> Tensor:
     """(N, c) logits -> (N, c - 1) rows r_k (see :func:`fim_root`); a single logit has
     a zero Fisher and gives one zero row."""
+    if f.dim() != 2:
+        raise ValueError(
+            f"variant classif_logits needs logits of shape (batch, c); the function returns "
+            f"shape {tuple(f.shape)}: for one logit per example use "
+            "variant='classif_binary_logits', else return (batch, c)"
+        )
     if f.shape[1] == 1:
         return f * 0
     c = f.shape[1]
