@@ -38,9 +38,9 @@ def _check_loader(loader, group=None) -> None:
 def _check_model(model, group, check_parameters: bool) -> None:
     """In a group of more than one rank, with ``check_parameters``: every rank's model must
     have the same parameters and buffers (the same RuntimeError on every rank if not)."""
-    from .object.groupops import check_model
+    from .object.groupops import check_model, effective_group
 
-    check_model(model, group, check_parameters)
+    check_model(model, effective_group(group), check_parameters)
 
 
 def _checked(build, kw: dict) -> dict:

@@ -396,3 +396,38 @@ def test_a_rank_with_no_example():
     """n=2 over 3 ranks: rank 2 holds nothing and still gets every result."""
     checks = _run_and_check(3, "linear", 2, ALL_KINDS)
     assert len(checks) == 3
+
+
+def _rank_in_a_group_of_one(rank: int, world: int) -> dict:
+    """Each rank alone in its own group, over its own data: nothing may reach the others."""
+    import torch.distributed as dist
+
+    me = dist.new_subgroups(group_size=1)[0]
+    model, batches, _ = make("linear", n=5 + 2 * rank, seed=rank)
+    loader = DataLoader(TensorDataset(*[torch.cat(f) for f in zip(*batches)]), batch_size=2)
+    v = PVector.from_model(model)
+    out = {rep.__name__: float(FIM(model, loader, rep, group=me).vTMv(v))
+           for rep in (PMatDense, PMatImplicit, PMatLowRank)}
+    out["jacobian"] = Jacobian(model, loader, group=me).to_torch()
+    out["pushforward"] = PushForwardImplicit.build(metrics._generator(model, None, None, None),
+                                                   loader, group=me).mv(v).to_torch()
+    out["gram_trace"] = float(GramMatrix(model, loader, group=me).trace())
+    dist.barrier()  # the world group still works after the solo operations
+    return out
+
+
+def test_a_group_of_one_process_is_one_process():
+    """group= a group of one process (each rank its own) equals a plain one-process run on
+    that rank's data, for the objects that keep their group (implicit, low-rank, maps)."""
+    got = run_ranks(_rank_in_a_group_of_one, 2, timeout=120)
+    for rank in range(2):
+        model, batches, _ = make("linear", n=5 + 2 * rank, seed=rank)
+        loader = DataLoader(TensorDataset(*[torch.cat(f) for f in zip(*batches)]), batch_size=2)
+        v = PVector.from_model(model)
+        want = float(FIM(model, loader, PMatDense).vTMv(v))
+        for rep in ("PMatDense", "PMatImplicit", "PMatLowRank"):
+            assert abs(got[rank][rep] - want) <= RTOL * abs(want), (rank, rep)
+        J = Jacobian(model, loader).to_torch()
+        assert got[rank]["jacobian"].shape == J.shape and rel(got[rank]["jacobian"], J) < RTOL
+        assert rel(got[rank]["pushforward"], torch.einsum("cnd,d->cn", J, v.to_torch())) < RTOL
+        assert abs(got[rank]["gram_trace"] - float((J * J).sum())) <= RTOL * float((J * J).sum())

@@ -24,11 +24,11 @@ from torch import Tensor
 
 
 def group_sum(t: Tensor, group=None) -> Tensor:
-    """Sum of ``t`` over the ranks of ``group`` (every rank gets it)."""
-    from ..dist.group import resolve_group
+    """Sum of ``t`` over the ranks of ``group`` (every rank gets it); ``group`` as an
+    object holds it (:func:`held_group`: None is one process)."""
     from ..dist.reduce import all_reduce_tensor
 
-    g = resolve_group(group)
+    g = held_group(group)
     if g is None:
         return t
     return all_reduce_tensor(t, g)
@@ -54,7 +54,12 @@ def effective_group(group=None):
 def held_group(group=None):
     """The group a data-holding object is sharded over, as its constructor sees it:
     ``None`` means *not sharded* (the data given is the whole), NOT the world group;
-    builds pass the group they resolved explicitly. A group of one process is None too."""
+    builds pass the group they resolved explicitly. A group of one process is None too.
+
+    Everything below a build (the objects, their operations and the helpers of this
+    module) takes groups in this sense: a build resolves the user's ``group`` once
+    (:func:`effective_group`), and resolving its None again would turn a group of one
+    process into the world group."""
     return None if group is None else effective_group(group)
 
 
@@ -94,7 +99,7 @@ def sum_local_pass(
     ``carry``: scalars only rank 0 contributes, so every rank receives the same bits
     (used to take the same branch everywhere, e.g. CG's stopping test).
     """
-    group = effective_group(group)
+    group = held_group(group)
     error = None
     if group is None:
         total, count = fn()
@@ -120,7 +125,7 @@ def agree_ints(values: Sequence[int], error: Optional[BaseException], group) -> 
     """Every rank's ``values`` (same length on every rank), indexed by rank; raises on
     every rank when any rank passes a non-None ``error`` (its own error on that rank).
     One all_gather (a single process just raises ``error`` or returns ``[values]``)."""
-    group = effective_group(group)
+    group = held_group(group)
     if group is None:
         if error is not None:
             raise error
@@ -136,7 +141,7 @@ def agree_ints(values: Sequence[int], error: Optional[BaseException], group) -> 
 def check_model(model, group, check: bool = True) -> None:
     """With ``check`` and more than one rank: every rank's model must have the same
     parameters and buffers (RuntimeError on every rank naming the ranks otherwise)."""
-    group = effective_group(group)
+    group = held_group(group)
     if check and group is not None:
         from ..dist.fingerprint import check_same_model
 

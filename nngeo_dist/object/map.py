@@ -59,8 +59,8 @@ def check_space(layer_collection, v) -> None:
 
 
 def jacobian_rows(generator, loader, group) -> tuple[Tensor, RowLayout, object]:
-    """This rank's Jacobian rows, their layout and the effective group (None: one process)."""
-    group = effective_group(group)
+    """This rank's Jacobian rows, their layout and the group (held: None is one process)."""
+    group = held_group(group)
     if group is None:
         rows, n = generator.jacobian_rows(loader)
         if n == 0:
@@ -202,7 +202,7 @@ class PushForwardImplicit:
         self.layer_collection = layer_collection
         self.generator = generator
         self.loader = loader
-        self.group = effective_group(group)
+        self.group = held_group(group)
 
     @classmethod
     def build(cls, generator, loader, group=None, check_parameters: bool = True):

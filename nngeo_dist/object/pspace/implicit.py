@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...generator.statistics import no_example_error
 from .base import PMatAbstract
-from ..groupops import check_model, effective_group, sum_local_pass
+from ..groupops import check_model, effective_group, held_group, sum_local_pass
 
 
 class PMatImplicit(PMatAbstract):
@@ -32,7 +32,7 @@ class PMatImplicit(PMatAbstract):
     def __init__(self, layer_collection, generator, loader: Iterable, group=None, terms=None):
         super().__init__(layer_collection, generator)
         self.loader = loader
-        self.group = effective_group(group)
+        self.group = held_group(group)
         #: (coefficient, generator, loader) of each term of sum_t coef_t * M_t
         self.terms = list(terms) if terms is not None else [(1.0, generator, loader)]
         self.cg_iterations = 0
