@@ -85,7 +85,7 @@ def FIM(
     _check_model(model, group, check_parameters)
     root = fim_root(function or default_function(model), variant)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
-    loader = _check_n_output_matches(gen, n_output, model, function, loader)
+    loader = _check_n_output_matches(gen, n_output, model, function, loader, group)
     if store is not None:
         from .object import PMatLowRank
         from .object.stored import PMatLowRankStored
@@ -134,7 +134,7 @@ def FIM_MonteCarlo(
     root = monte_carlo_root(function or default_function(model), variant, trials, rng)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     gen.rng = rng
-    loader = _check_n_output_matches(gen, n_output, model, function, loader)
+    loader = _check_n_output_matches(gen, n_output, model, function, loader, group)
     return _build(representation, gen, loader, group, **kw)
 
 
@@ -216,12 +216,45 @@ def _gen_kw(kw: dict) -> dict:
     return {k: kw.pop(k) for k in _GEN_KEYS if k in kw}
 
 
-def _check_n_output_matches(gen, n_output, model, function, loader):
+def _check_n_output_matches(gen, n_output, model, function, loader, group=None):
     """``n_output`` describes the model's outputs (c), not the FIM root's: checked on the
     first non-empty batch of the wrapped function. Returns the loader to compute from: a
-    one-shot iterator comes back with the batches the check drew put back in front."""
+    one-shot iterator comes back with the batches the check drew put back in front.
+
+    In a group every rank takes part in one all_gather of what it saw (an empty shard
+    sees nothing), so a wrong ``n_output`` or a failing batch on one rank raises on every
+    rank at once, naming it, instead of leaving the others waiting in the next collective."""
+    from .object.groupops import agree_ints, effective_group
+
     if n_output is None:
         return loader
+    drawn, it = [], iter(loader)
+    c, error = -1, None  # -1: an empty shard of a group (one process: the build raises)
+    try:
+        for b in it:
+            drawn.append(b)
+            if not is_empty_batch(b):
+                c = _outputs_per_example(gen, model, function, b)
+                break
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by agree_ints
+        error = exc
+    loader = itertools.chain(drawn, it) if isinstance(loader, Iterator) else loader
+    seen = {r[0] for r in agree_ints([c], error, effective_group(group))} - {-1}
+    wrong = sorted(k for k in seen if k != n_output)
+    if wrong:
+        raise ValueError(
+            f"n_output={n_output} but the model returns {wrong[0]} outputs per example; drop "
+            "n_output (it is inferred) or fix the model/function"
+        )
+    return loader
+
+
+def _outputs_per_example(gen, model, function, batch) -> int:
+    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+    batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)
+    with torch.no_grad():
+        out = (function or default_function(model))(*batch)
+    return 1 if out.dim() == 1 else out.shape[1]
     drawn, it = [], iter(loader)
     for b in it:
         drawn.append(b)

@@ -26,6 +26,8 @@ from nngeo_dist.object import (
     FVector,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
+    PMatKFAC,
     PMatImplicit,
     PMatLowRank,
     PushForwardImplicit,
@@ -127,14 +129,14 @@ def test_models_that_differ_are_refused_by_every_representation():
 
 
 class _FailingLoader:
-    """A loader that raises on its second batch, on one rank only."""
+    """A loader that raises on its batch ``at`` (default: the second), on one rank only."""
 
-    def __init__(self, loader, fail: bool):
-        self.loader, self.fail = loader, fail
+    def __init__(self, loader, fail: bool, at: int = 1):
+        self.loader, self.fail, self.at = loader, fail, at
 
     def __iter__(self):
         for i, batch in enumerate(self.loader):
-            if self.fail and i == 1:
+            if self.fail and i == self.at:
                 raise OSError("disk read failed")
             yield batch
 
@@ -161,7 +163,15 @@ def _on_rank_raises(rank, world, failing, with_core):
         "PushForwardImplicit.mv": lambda: pushforward.mv(v),
     }
     if with_core:
+        mapping = {"Linear": PMatEKFAC, "Conv2d": PMatEKFAC, "default": PMatDiag}
+        mixed = FIM(model, loader, mapping)
+        ekfac = next(p for p in mixed.parts if isinstance(p, PMatEKFAC))
+        first_bad = _FailingLoader(loader, rank == failing, at=0)  # what the n_output check reads
         cases["FIM(PMatDense)"] = lambda: FIM(model, bad, PMatDense)
+        cases["FIM(mixed)"] = lambda: FIM(model, bad, {"Linear": PMatKFAC, "default": PMatDiag})
+        cases["PMatEKFAC.update_diag"] = lambda: ekfac.update_diag(bad)
+        cases["PMatMixed.update_diag"] = lambda: mixed.update_diag(bad)
+        cases["FIM(PMatKFAC, n_output=c)"] = lambda: FIM(model, first_bad, PMatKFAC, n_output=c)
     out = {}
     for name, fn in cases.items():
         t = time.monotonic()
@@ -212,6 +222,21 @@ def test_a_rank_that_raises_stops_every_rank(world, failing):
 @needs_core_patch
 def test_a_rank_that_raises_in_a_statistics_build_stops_every_rank():
     _check_rank_raises(2, 1, with_core=True)
+
+
+def _on_wrong_n_output(rank, world):
+    model, loader, c = _setup(rank, world, n=2)  # 2 examples over 3 ranks: rank 2 holds none
+    t = time.monotonic()
+    return _outcome(lambda: FIM(model, loader, PMatDiag, n_output=c + 7)) + (time.monotonic() - t,)
+
+
+@needs_core_patch
+def test_a_wrong_n_output_raises_on_every_rank_at_once():
+    """The ranks that hold examples see the wrong n_output; the one that holds none raises
+    the same error with them instead of waiting in the next collective."""
+    for rank, (kind, message, _, seconds) in enumerate(run_ranks(_on_wrong_n_output, 3, timeout=TIMEOUT)):
+        assert kind == "ValueError" and "n_output=10 but the model returns 3" in message, (rank, message)
+        assert seconds < 10, (rank, seconds)
 
 
 # ------------------------------------------------------------------------------ sharded vectors

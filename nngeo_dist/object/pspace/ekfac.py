@@ -87,7 +87,11 @@ class PMatEKFAC(PMatAbstract):
     def update_diag(self, loader, group=None) -> None:
         """Re-fit the diagonal from ``loader`` (each rank passes its shard) with the model's
         current parameters: statistics -> reduce over ``group`` -> mean."""
-        self.set_diag_from_statistics(self.diag_statistics(loader).reduce(group))
+        from ...dist.errors import collective_errors
+
+        with collective_errors(group):  # a rank that raises is named on every rank
+            stats = self.diag_statistics(loader)
+        self.set_diag_from_statistics(stats.reduce(group))
 
     # per-layer plumbing ----------------------------------------------------------------------
     def _map_vector(self, v, fn):

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ...dist.errors import collective_errors
 from ...generator.kfac import StatSpec, merge_specs, run_spec, split_statistics
 from ...generator.layers import LAYER_TYPES
 from ...generator.statistics import Statistics
@@ -168,7 +169,9 @@ class PMatMixed(PMatAbstract):
         )
         stats = None
         if specs:
-            stats = run_spec(generator, loader, merge_specs(specs), "mixed").reduce(group)
+            with collective_errors(group):  # a rank that raises is named on every rank
+                stats = run_spec(generator, loader, merge_specs(specs), "mixed")
+            stats = stats.reduce(group)
         parts = []
         for i, (pcls, sub) in enumerate(parts_of):
             prefix = _prefix(i, pcls)
@@ -195,7 +198,9 @@ class PMatMixed(PMatAbstract):
             raise ValueError("no part of this mixed matrix has a diagonal to update (no PMatEKFAC part)")
         if self.generator is None:
             raise ValueError("this PMatMixed has no generator: build it with FIM(...)")
-        stats = run_spec(self.generator, loader, merge_specs(specs), "ekfac diagonal").reduce(group)
+        with collective_errors(group):
+            stats = run_spec(self.generator, loader, merge_specs(specs), "ekfac diagonal")
+        stats = stats.reduce(group)
         for i, p in enumerate(self.parts):
             if f"{i}/" in specs:
                 p.set_diag_from_statistics(split_statistics(stats, f"{i}/"))
