@@ -5,7 +5,8 @@ A *store* is a zarr v3 group (a local directory by default, or any fsspec URL) h
 - ``data``: the main array. Gram: shape ``(c, n, c, n)``, chunks ``(c, B, c, B)``;
   Jacobian / LowRank: shape ``(c, n, d)``, chunks ``(c, B, D0)``; other kinds: any shape.
 - ``tiles_done``: ``uint8`` array over the tile grid, chunks all 1: one marker per tile,
-  written *after* the tile's data chunk (see :mod:`nngeo_dist.store.tiles`).
+  written *after* the tile's data chunk (see :mod:`nngeo_dist.store.tiles`). Its dimension
+  names are the tile axes' names with ``_tile`` appended (Gram ``example_i_tile``, ...).
 - ``tiles_checksum``: ``int64`` array over the tile grid, chunks all 1: CRC32 of the tile's
   bytes in the store dtype (``-1`` = none recorded).
 
@@ -28,6 +29,8 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -37,6 +40,7 @@ import zarr.errors
 
 __all__ = [
     "FORMAT_VERSION",
+    "OBJECT_ATTR",
     "DATA",
     "TILES_DONE",
     "TILES_CHECKSUM",
@@ -51,9 +55,12 @@ __all__ = [
     "create_or_validate",
     "library_version",
     "normalise_dtype",
+    "STORE_DTYPES",
 ]
 
 FORMAT_VERSION = 1
+#: Attribute of a group written whole by :func:`nngeo_dist.store.objects.save` (no tiles).
+OBJECT_ATTR = "nngeo_dist_object"
 DATA = "data"
 TILES_DONE = "tiles_done"
 TILES_CHECKSUM = "tiles_checksum"
@@ -105,12 +112,43 @@ def library_version() -> str:
         return "0+unknown"
 
 
+#: Store dtypes: a tile store holds floating-point numbers that numpy can read back.
+STORE_DTYPES = ("float16", "float32", "float64")
+
+
 def normalise_dtype(dtype: Any) -> str:
-    """Canonical dtype name (``'float64'``, ``'float32'``...) from numpy/torch/str dtypes."""
+    """Canonical store dtype name from a numpy, torch or string dtype.
+
+    Returns one of :data:`STORE_DTYPES` (``'float16'``, ``'float32'``, ``'float64'``);
+    ``'float'``, ``'double'``, ``'half'``, ``np.float32``, ``torch.float64`` ... are accepted.
+
+    Raises:
+        ValueError: any other dtype (integers would truncate the results; bfloat16 has no
+            numpy dtype to store it in).
+    """
     s = str(dtype)
-    if s.startswith("torch."):
-        s = s[len("torch."):]
-    return np.dtype(s).name
+    if s.startswith("torch."):  # torch dtypes share numpy's names, bfloat16 aside
+        dtype = s = s[len("torch."):]
+    try:
+        # np.dtype(None) would be float64: no dtype is an error, not a default
+        name = None if dtype is None else np.dtype(dtype).name
+    except (TypeError, ValueError):  # numpy does not know it (bfloat16, a typo)
+        name = None
+    if name not in STORE_DTYPES:
+        advice = "; store bfloat16 results as float32" if "bfloat16" in s else ""
+        raise ValueError(
+            f"store dtype {name or s!r} is not supported: a store holds float16, float32 or "
+            f"float64. Pass dtype='float32' (or 'float64', 'float16'){advice}"
+        )
+    return name
+
+
+def _dtype_name(dtype: Any) -> str:
+    """numpy name of an array's dtype, whatever it is (for reporting, not validating)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def _is_url(path: str) -> bool:
@@ -125,6 +163,31 @@ def _local_path(path: Any) -> str | None:
     if _is_url(s):
         return None
     return s
+
+
+def _is_local_nonzarr(path: Any) -> bool:
+    """True when ``path`` is an existing local file, or a non-empty local directory that is
+    not a zarr store (no ``zarr.json``): such a path is never written into nor deleted,
+    ``overwrite=True`` (--overwrite) only replaces zarr stores. URLs: always False."""
+    if isinstance(path, zarr.Group):
+        return False
+    s = _local_path(path)
+    if s is None or not os.path.exists(s):
+        return False
+    if not os.path.isdir(s):
+        return True
+    if os.path.exists(os.path.join(s, "zarr.json")):
+        return False
+    # zarr writes zarr.json through a temporary "*.partial" file next to it: a directory
+    # holding only those is a store another process is creating right now
+    return any(not e.endswith(".partial") for e in os.listdir(s))
+
+
+def _refuse_nonzarr(where: str) -> None:
+    raise FileExistsError(
+        f"{where} exists and is not a zarr store: it is never written into or deleted (not "
+        "even with overwrite=True / --overwrite); choose another path"
+    )
 
 
 def open_store(
@@ -300,7 +363,16 @@ class StoreSpec:
 
     @property
     def dim_names(self) -> tuple[str, ...]:
+        """Names of the axes of ``data`` (Gram ``('output_a', 'example_i', ...)``)."""
         return DIM_NAMES.get(self.kind, tuple(f"dim_{i}" for i in range(len(self.shape))))
+
+    @property
+    def tile_dim_names(self) -> tuple[str, ...]:
+        """Names of the axes of the tile grid (the marker arrays): ``<data axis>_tile`` per
+        tile axis, e.g. Gram ``('example_i_tile', 'example_j_tile')``; distinct from the
+        data's names, whose sizes differ."""
+        names = self.dim_names
+        return tuple(f"{names[a]}_tile" for a in self.tile_axes or ())
 
     def tile_region(self, index: tuple[int, ...]) -> tuple[slice, ...]:
         """Slices of ``data`` covered by tile ``index`` (one int per tile axis).
@@ -410,14 +482,20 @@ def _spec_of(group, where: str, advice: str = "") -> StoreSpec:
 
 
 def _ensure_arrays(group: zarr.Group, spec: StoreSpec) -> None:
-    """Create ``data``, ``tiles_done`` and ``tiles_checksum`` where missing (idempotent)."""
+    """Create ``data``, ``tiles_done`` and ``tiles_checksum`` where missing (idempotent).
+
+    Every array records its ``dimension_names`` (xarray needs them to open a zarr 3 group).
+    Stores written before the marker arrays had them still resume: existing arrays are
+    kept as they are.
+    """
     grid = spec.tile_grid
+    marker = dict(shape=grid, chunks=(1,) * len(grid), dimension_names=spec.tile_dim_names)
     todo = [
         # dense floating-point tiles gain ~16% from zstd but take twice as long to write
         (DATA, dict(shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=0,
                     dimension_names=spec.dim_names, compressors=None)),
-        (TILES_CHECKSUM, dict(shape=grid, chunks=(1,) * len(grid), dtype="int64", fill_value=-1)),
-        (TILES_DONE, dict(shape=grid, chunks=(1,) * len(grid), dtype="uint8", fill_value=0)),
+        (TILES_CHECKSUM, dict(marker, dtype="int64", fill_value=-1)),
+        (TILES_DONE, dict(marker, dtype="uint8", fill_value=0)),
     ]
     for name, kw in todo:
         if _has_member(group, name):
@@ -444,7 +522,7 @@ def _check_arrays(group: zarr.Group, spec: StoreSpec, where: str) -> None:
         problems.append(f"data.shape: store has {_fmt(data.shape)}, attributes say {_fmt(spec.shape)}")
     if tuple(data.chunks) != spec.chunks:
         problems.append(f"data.chunks: store has {_fmt(data.chunks)}, attributes say {_fmt(spec.chunks)}")
-    if normalise_dtype(data.dtype) != spec.dtype:
+    if _dtype_name(data.dtype) != spec.dtype:
         problems.append(f"data.dtype: store has {data.dtype}, attributes say {spec.dtype}")
     if tuple(group[TILES_DONE].shape) != spec.tile_grid:
         problems.append(f"tiles_done.shape: {group[TILES_DONE].shape} != tile grid {spec.tile_grid}")
@@ -468,7 +546,9 @@ def create_or_validate(
     - No store at ``path``: create the group, the ``data`` array (chunks = ``spec.chunks``),
       the ``tiles_done`` / ``tiles_checksum`` marker arrays, and record the spec,
       fingerprint, library version and ``complete: False`` in the group attributes.
-    - ``overwrite=True``: delete whatever is at ``path`` and create afresh.
+    - ``overwrite=True``: delete the zarr store at ``path`` and create afresh.
+    - ``path`` is a local file, or a non-empty directory that is not a zarr store: raise
+      ``FileExistsError`` (with or without ``overwrite``: user files are never deleted).
     - Store exists, ``resume=True``: if kind, shape, chunks, dtype, fingerprint (and the
       meta keys ``representation``, ``variant``, ``n``, ``c``, ``d``) agree, reuse it as is
       (tiles already done are kept); otherwise raise :class:`StoreMismatchError` naming each
@@ -482,6 +562,8 @@ def create_or_validate(
         The group, opened read/write.
     """
     where = _store_name(path)
+    if _is_local_nonzarr(path):
+        _refuse_nonzarr(where)
     if overwrite:
         return _initialise(open_store(path, "w", storage_options, _initial_attrs(spec)), spec)
 
@@ -507,10 +589,29 @@ def create_or_validate(
     try:
         group = open_store(path, "w-", storage_options, _initial_attrs(spec))
     except FileExistsError:
+        if not _appears(path, storage_options):
+            _refuse_nonzarr(where)  # something that is not a zarr node is there
         # Another process created it between our check and now: validate against it.
         return create_or_validate(path, spec, overwrite=False, resume=True,
                                   storage_options=storage_options)
     return _initialise(group, spec)
+
+
+#: How long a creator that finds content at a path waits for it to become a zarr group
+#: (a concurrent creator's group metadata is one small write: milliseconds).
+CONCURRENT_CREATE_WAIT_S = 2.0
+
+
+def _appears(path: Any, storage_options: dict[str, Any] | None) -> bool:
+    """True once a zarr node exists at ``path``, polling up to
+    :data:`CONCURRENT_CREATE_WAIT_S` (content that stays non-zarr returns False)."""
+    deadline = time.monotonic() + CONCURRENT_CREATE_WAIT_S
+    while True:
+        if store_exists(path, storage_options):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _initial_attrs(spec: StoreSpec) -> dict[str, Any]:

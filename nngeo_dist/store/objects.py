@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -69,8 +68,10 @@ from torch import Tensor
 from .layout import (
     FORMAT_VERSION,
     KINDS,
+    OBJECT_ATTR,
     NotAStoreError,
     StoreMismatchError,
+    _is_local_nonzarr,
     _jsonable,
     _store_name,
     library_version,
@@ -85,7 +86,6 @@ __all__ = [
     "OBJECT_ATTR",
 ]
 
-OBJECT_ATTR = "nngeo_dist_object"
 OBJECT_FORMAT = 1
 #: Target size of one chunk (bytes, uncompressed).
 CHUNK_BYTES = 16 * 2**20
@@ -488,20 +488,6 @@ def _dimension_names(array_path: str, kind: Optional[str], ndim: int, root_class
 
 
 # ============================================================================ save
-
-
-def _is_local_nonzarr(path: Any) -> bool:
-    """True when ``path`` is an existing local directory/file that is not a zarr node
-    (never deleted: --overwrite only replaces zarr stores)."""
-    s = str(path)
-    if "://" in s and not s.startswith("file://"):
-        return False
-    s = s[len("file://"):] if s.startswith("file://") else s
-    if not os.path.exists(s):
-        return False
-    if os.path.isfile(s):
-        return True
-    return bool(os.listdir(s)) and not os.path.exists(os.path.join(s, "zarr.json"))
 
 
 def _refuse_existing(path, where: str) -> None:

@@ -39,9 +39,12 @@ import zarr
 
 from .layout import (
     DATA,
+    OBJECT_ATTR,
     TILES_CHECKSUM,
     TILES_DONE,
+    NotAStoreError,
     StoreSpec,
+    _has_member,
     _store_name,
     open_store,
     read_spec,
@@ -324,14 +327,29 @@ def verify(
 ) -> VerifyReport:
     """Recompute the checksum of every done tile (or of ``tiles``) and report mismatches.
 
-    Reads one tile at a time (memory: one chunk).
+    Reads one tile at a time (memory: one chunk). A tile store whose marker arrays were
+    never created (creation interrupted) reports every tile missing.
+
+    Raises:
+        NotAStoreError: the group holds an object saved whole by
+            :func:`~nngeo_dist.store.objects.save` (no per-tile checksums to verify), or
+            was not written by nngeo_dist.
     """
     group = open_store(store, "r", storage_options)
     spec = read_spec(group)
+    where = _store_name(store)
+    if not _has_member(group, TILES_DONE):
+        if _saved_whole(group):
+            raise NotAStoreError(
+                f"{where} holds an object saved whole by save(), not a store written tile by "
+                "tile: it records no per-tile checksums, so there is nothing to verify. Load "
+                "it with nngeo_dist.load, or open it with to_dask / to_xarray"
+            )
+        return VerifyReport(path=where, n_missing=spec.n_tiles)
     data, done, sums = group[DATA], group[TILES_DONE], group[TILES_CHECKSUM]
     mask = np.asarray(done[...]).astype(bool)
     recorded = np.asarray(sums[...])
-    report = VerifyReport(path=_store_name(store), n_missing=int((~mask).sum()))
+    report = VerifyReport(path=where, n_missing=int((~mask).sum()))
     todo = grid_tiles(spec.tile_grid) if tiles is None else [tuple(int(i) for i in t) for t in tiles]
     for t in todo:
         if not mask[t]:
@@ -350,7 +368,23 @@ def verify(
     return report
 
 
+def _saved_whole(group: zarr.Group) -> bool:
+    """True for a group written whole by :func:`~nngeo_dist.store.objects.save`: it has no
+    tile markers, its ``complete`` attribute is its only record of completion."""
+    return OBJECT_ATTR in group.attrs
+
+
 def missing_tiles(store: Any, storage_options: dict[str, Any] | None = None) -> int:
-    """Number of tiles of the grid not marked done (0 for a finished store)."""
+    """Number of tiles of the grid not marked done (0 for a finished store).
+
+    A group without marker arrays (an object saved whole by
+    :func:`~nngeo_dist.store.objects.save`, or a tile store whose creation was
+    interrupted) counts 0 when its ``complete`` attribute is set, else every tile: nothing
+    records which of its chunks were written.
+    """
     group = open_store(store, "r", storage_options)
-    return int((np.asarray(group[TILES_DONE][...]) == 0).sum())
+    if _has_member(group, TILES_DONE):
+        return int((np.asarray(group[TILES_DONE][...]) == 0).sum())
+    if bool(group.attrs.get("complete", False)):
+        return 0
+    return read_spec(group).n_tiles

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 
 from .layout import DATA, StoreSpec, _store_name, open_store, read_spec
-from .tiles import IncompleteStoreError, missing_tiles
+from .tiles import IncompleteStoreError, _saved_whole, missing_tiles
 
 __all__ = ["to_dask", "to_xarray", "check_complete", "is_complete"]
 
@@ -32,6 +32,13 @@ def check_complete(store: Any, storage_options: dict[str, Any] | None = None) ->
     if bool(group.attrs.get("complete", False)):
         return
     missing = missing_tiles(group)
+    if missing and _saved_whole(group):
+        raise IncompleteStoreError(
+            f"the object saved at {_store_name(store)} is incomplete: the process that saved "
+            "it did not finish (no 'complete' flag). Save it again (overwrite=True, "
+            "--overwrite), or pass allow_incomplete=True to read it anyway (unwritten chunks "
+            "read as 0)."
+        )
     if missing:
         spec = read_spec(group)
         raise IncompleteStoreError(
@@ -69,8 +76,9 @@ def to_xarray(
 ):
     """The store's ``data`` as a lazy (dask-backed) ``xarray.DataArray`` with named dims.
 
-    Dims: Gram ``('output_a', 'example_i', 'output_b', 'example_j')``; Jacobian
-    ``('output', 'example', 'parameter')``; other kinds ``dim_0, dim_1, ...``. Integer
+    Dims: the ``dimension_names`` the ``data`` array records (Gram ``('output_a',
+    'example_i', 'output_b', 'example_j')``; Jacobian ``('output', 'example', 'parameter')``;
+    a saved PMatDense ``('parameter_i', 'parameter_j')``), else ``dim_0, dim_1, ...``. Integer
     coordinates index each dim; ``attrs`` carry kind, fingerprint, meta and completion state.
 
     Raises:
@@ -81,7 +89,7 @@ def to_xarray(
     group = open_store(path, "r", storage_options)
     spec: StoreSpec = read_spec(group)
     arr = to_dask(group, allow_incomplete=allow_incomplete)
-    dims = spec.dim_names
+    dims = _dim_names(group, spec)
     coords = {name: np.arange(size) for name, size in zip(dims, spec.shape)}
     attrs = {
         "kind": spec.kind,
@@ -91,3 +99,12 @@ def to_xarray(
         "store": _store_name(path),
     }
     return xr.DataArray(arr, dims=dims, coords=coords, attrs=attrs, name=spec.kind)
+
+
+def _dim_names(group, spec: StoreSpec) -> tuple[str, ...]:
+    """The ``data`` array's own zarr ``dimension_names`` when it records them all (so the
+    view agrees with ``xarray.open_zarr``), else the kind's names from the spec."""
+    names = getattr(group[DATA].metadata, "dimension_names", None)
+    if names and len(names) == len(spec.shape) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return spec.dim_names
