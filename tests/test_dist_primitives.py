@@ -287,6 +287,22 @@ def test_different_parameters_raise_on_every_rank(world):
         assert str(world - 1) in message and "load the same weights on every rank" in message
 
 
+def _on_settings(rank, world):
+    settings = {"data": "e9b1c" * 13, "tile": str(4 * (rank + 1)), "dtype": "float64"}
+    try:
+        fingerprint.check_same_across_ranks(settings, "the settings of the job", hint="fix it")
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def test_settings_that_differ_are_named():
+    """A mapping of settings: the message names each setting that differs, with every
+    rank's value (not the first characters of one long string, which were all alike)."""
+    for message in run_ranks(_on_settings, 2, timeout=60):
+        assert message == ("the settings of the job differ between ranks 0 and 1: "
+                           "tile (rank 0: 4; rank 1: 8); fix it"), message
+
+
 # ---------------------------------------------------------------- fault handling
 
 
@@ -400,7 +416,11 @@ def test_model_fingerprint_covers_buffers_and_follows_changes():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     first = fingerprint.model_fingerprint(model)
-    assert fingerprint.model_fingerprint(model) == first  # cached
+    assert fingerprint.model_fingerprint(model) == first  # deterministic
+    model[0].bias.data.mul_(2.0)  # through .data: no version counter sees it
+    assert fingerprint.model_fingerprint(model) != first
+    model[0].bias.data.div_(2.0)  # exact: back to the same bytes
+    assert fingerprint.model_fingerprint(model) == first
     model[1].running_mean.add_(1.0)  # a buffer changed in place
     second = fingerprint.model_fingerprint(model)
     assert second != first

@@ -7,7 +7,6 @@ same byte order, and independent of the device the parameters are on.
 from __future__ import annotations
 
 import hashlib
-import weakref
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
@@ -55,24 +54,41 @@ def parameter_fingerprint(model_or_tensors: Parameters) -> str:
     return h.hexdigest()
 
 
-def _differ_message(what: str, values: list[str], hint: Optional[str]) -> str:
-    by_value = ranks_by_value(values)
+def _short(value: str) -> str:
+    """A value as a message shows it: whole when short (a path, a tile size), the head of
+    a long one (a 64-digit hash)."""
+    return value if len(value) <= 80 else value[:16] + "..."
+
+
+def _who(by_value: list[list[int]]) -> str:
     if len(by_value) == 2 and all(len(r) == 1 for r in by_value):
-        who = f"ranks {by_value[0][0]} and {by_value[1][0]}"
-    else:
-        who = "ranks " + " | ".join(",".join(map(str, r)) for r in by_value)
-    listing = "; ".join(
-        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {values[r[0]][:16]}"
-        for r in by_value
-    )
+        return f"ranks {by_value[0][0]} and {by_value[1][0]}"
+    return "ranks " + " | ".join(",".join(map(str, r)) for r in by_value)
+
+
+def _listing(values: list[str]) -> str:
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {_short(values[r[0]])}"
+                     for r in ranks_by_value(values))
+
+
+def _differ_message(what: str, values: list, hint: Optional[str]) -> str:
+    """Which ranks differ and in what: for mappings (a job's settings), each key whose
+    value differs, with every rank's value."""
     advice = f"; {hint}" if hint else ""
-    return f"{what} differ between {who}: {listing}{advice}"
+    if all(isinstance(v, Mapping) for v in values):
+        by_value = ranks_by_value([repr(sorted(v.items())) for v in values])
+        keys = sorted({k for v in values for k in v}, key=str)
+        parts = [f"{k} ({_listing([str(v.get(k)) for v in values])})"
+                 for k in keys if len({str(v.get(k)) for v in values}) > 1]
+        return f"{what} differ between {_who(by_value)}: " + ", ".join(parts) + advice
+    return f"{what} differ between {_who(ranks_by_value(values))}: {_listing(values)}{advice}"
 
 
 def check_same_across_ranks(
-    value: str, what: str, group=None, hint: Optional[str] = None
+    value: Union[str, Mapping[str, str]], what: str, group=None, hint: Optional[str] = None
 ) -> None:
-    """Raise the same RuntimeError on every rank unless every rank passed the same ``value``.
+    """Raise the same RuntimeError on every rank unless every rank passed the same ``value``
+    (a string, or a mapping of named settings: the message then names each that differs).
 
     ``what`` names the thing in the message ("the model parameters"); ``hint`` says how to
     fix it. One all_gather of an int64 digest; the values themselves are gathered only on
@@ -81,10 +97,13 @@ def check_same_across_ranks(
     group = resolve_group(group)
     if world_size(group) == 1:
         return
-    digests = [g[0] for g in all_gather_ints([digest(value)], group)]
+    if isinstance(value, Mapping):
+        value = {str(k): str(v) for k, v in value.items()}
+    key = repr(sorted(value.items())) if isinstance(value, Mapping) else str(value)
+    digests = [g[0] for g in all_gather_ints([digest(key)], group)]
     if len(set(digests)) == 1:
         return
-    values = all_gather_objects(str(value), group)
+    values = all_gather_objects(value, group)
     raise on_every_rank(RuntimeError(_differ_message(what, values, hint)))
 
 
@@ -106,25 +125,15 @@ MODEL_HINT = (
     "seed before building the model, and do not step an optimizer on one rank only"
 )
 
-_MODEL_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """:func:`parameter_fingerprint` of the model's parameters and buffers (the running
     statistics of normalisation layers change what the model computes).
 
-    The digest is cached per module and recomputed only when a parameter or buffer was
-    replaced or modified in place since (tracked through tensor version counters), so
-    calling it before every computation is cheap."""
+    Hashed afresh at every call: version counters miss edits through ``.data`` (the usual
+    ``p.data.add_(...)`` update), so no cached digest can be trusted."""
     named = [(n, p) for n, p in model.named_parameters()]
     named += [("buffer:" + n, b) for n, b in model.named_buffers()]
-    key = tuple((n, id(t), t._version, t.data_ptr()) for n, t in named)
-    cached = _MODEL_CACHE.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    fp = parameter_fingerprint(dict(named))
-    _MODEL_CACHE[model] = (key, fp)
-    return fp
+    return parameter_fingerprint(dict(named))
 
 
 def check_same_model(model: torch.nn.Module, group=None) -> str:

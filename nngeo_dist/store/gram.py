@@ -159,7 +159,7 @@ def open_job(generator, loader, store, group, outputs, progress, batch_size, use
         spec = make_spec(gen, source, c, user_function if user_function is not None else base_function,
                          outputs)
         spec.meta["function_probe"] = function_probe(gen.function, source, gen.device)
-    check_same_across_ranks(repr(sorted(spec.fingerprint.items())), f"{what} (model, data, "
+    check_same_across_ranks(spec.fingerprint, f"the settings of {what} (model, data, "
                             "function, outputs, tile, dtype)", group,
                             "give every rank the same model, dataset and arguments")
     check_same_across_ranks(_store_name(store), "the store paths", group,
