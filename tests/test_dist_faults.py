@@ -239,6 +239,39 @@ def test_a_wrong_n_output_raises_on_every_rank_at_once():
         assert seconds < 10, (rank, seconds)
 
 
+def _on_decomposition_fails(rank, world):
+    """The decomposition runs on rank 0 alone; make it fail there."""
+    model, loader, _ = _setup(rank, world)
+    gram, lowrank = GramMatrix(model, loader), FIM(model, loader, PMatLowRank)
+    out = {}
+    for name, obj, fn in (("FMatDense", gram, "eigh"), ("PMatLowRank", lowrank, "svd")):
+        original = getattr(torch.linalg, fn)
+
+        def broken(*args, **kw):
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+
+        if rank == 0:
+            setattr(torch.linalg, fn, broken)
+        t = time.monotonic()
+        try:
+            out[name] = _outcome(obj.compute_eigendecomposition) + (time.monotonic() - t,)
+        finally:
+            setattr(torch.linalg, fn, original)
+    out["after"] = float(gram.trace())  # the group still works
+    return out
+
+
+def test_a_decomposition_failing_on_rank_0_stops_every_rank():
+    for rank, res in enumerate(run_ranks(_on_decomposition_fails, 2, timeout=TIMEOUT)):
+        assert isinstance(res.pop("after"), float)
+        for name, (kind, message, failed, seconds) in res.items():
+            assert seconds < 10, (rank, name, seconds)
+            if rank == 0:
+                assert "LinAlgError" in kind and "converge" in message, (name, kind, message)
+            else:
+                assert kind == "RankFailedError" and failed == [0], (name, kind, message)
+
+
 # ------------------------------------------------------------------------------ sharded vectors
 
 

@@ -430,14 +430,16 @@ class FMatDense:
             M = self._matrix()
             self.evals, self.evecs = torch.linalg.eigh((M + M.t()) / 2)
             return self.evals, self.evecs
+        from ..dist.errors import collective_errors
         from ..dist.exchange import broadcast_from, gather_rows
 
         full = gather_rows(self.data, dim=1, dst=0, group=self.group)
         m = self.c * self.layout.n
         evals = evecs = None
-        if full is not None:
-            M = full.reshape(m, m)
-            evals, evecs = torch.linalg.eigh((M + M.t()) / 2)
+        with collective_errors(self.group):  # rank 0 failing must not leave the others waiting
+            if full is not None:
+                M = full.reshape(m, m)
+                evals, evecs = torch.linalg.eigh((M + M.t()) / 2)
         dev, dt = self.data.device, self.data.dtype
         self.evals = broadcast_from(evals, 0, self.group, shape=(m,), dtype=dt, device=dev)
         self.evecs = broadcast_from(evecs, 0, self.group, shape=(m, m), dtype=dt, device=dev)

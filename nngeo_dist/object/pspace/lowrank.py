@@ -168,13 +168,18 @@ class PMatLowRank(PMatAbstract):
         if self.group is None:
             self.evals, self.evecs = _nonzero_spectrum(J, self.n, m, d)
             return self.evals, self.evecs
+        from ...dist.errors import collective_errors
         from ...dist.exchange import broadcast_from, gather_rows
 
-        R = torch.linalg.qr(J, mode="r").R if J.shape[0] > d else J
+        R = J
+        with collective_errors(self.group):  # a rank failing must not leave the others waiting
+            if J.shape[0] > d:
+                R = torch.linalg.qr(J, mode="r").R
         stacked = gather_rows(R, dim=0, dst=0, group=self.group)
         evals = evecs = None
-        if stacked is not None:
-            evals, evecs = _nonzero_spectrum(stacked, self.n, m, d)
+        with collective_errors(self.group):
+            if stacked is not None:
+                evals, evecs = _nonzero_spectrum(stacked, self.n, m, d)
         r = broadcast_from(None if evals is None else J.new_tensor([evals.numel()]), 0, self.group,
                            shape=(1,), dtype=J.dtype, device=J.device)
         r = int(r.item())
