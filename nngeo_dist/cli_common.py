@@ -99,10 +99,31 @@ def _import(path: str):
         raise ValueError(f"cannot import '{path}': {e}") from e
 
 
+def _read_kwargs(kwargs_json: Optional[str]) -> tuple[Optional[dict], str]:
+    """(the keyword arguments of a JSON object, "") or (None, what is wrong with the text)."""
+    example = 'write a JSON object such as \'{"depth": 18}\' (keys in double quotes)'
+    try:
+        kwargs = json.loads(kwargs_json or "{}")
+    except json.JSONDecodeError as e:
+        return None, f"{kwargs_json!r} is not valid JSON ({e}); {example}"
+    if not isinstance(kwargs, dict):
+        return None, f"{kwargs_json!r} is a JSON {type(kwargs).__name__}, not an object; {example}"
+    return kwargs, ""
+
+
+def parse_kwargs(kwargs_json: Optional[str], option: str) -> dict:
+    """The keyword arguments a JSON object gives (``{}`` for an empty string or None);
+    ValueError naming ``option`` (e.g. ``--model-kwargs``) when it is not one."""
+    kwargs, problem = _read_kwargs(kwargs_json)
+    if kwargs is None:
+        raise ValueError(f"{option} {problem}")
+    return kwargs
+
+
 def load_model(spec: str, kwargs_json: str = "{}", weights: Optional[str] = None, device=None, dtype=torch.float32) -> nn.Module:
     """Build the model from ``spec`` (built-in name or ``pkg.mod:factory``), load
     ``weights`` (a state dict saved with torch.save) and put it in eval mode."""
-    kwargs = json.loads(kwargs_json or "{}")
+    kwargs = parse_kwargs(kwargs_json, "--model-kwargs")
     factory = BUILTIN_MODELS.get(spec) or _import(spec)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
@@ -113,7 +134,9 @@ def load_model(spec: str, kwargs_json: str = "{}", weights: Optional[str] = None
 
 
 def load_data(spec: str, kwargs_json: str = "{}", dtype=torch.float32) -> Dataset:
-    kwargs = json.loads(kwargs_json or "{}")
+    """The data set ``spec`` names (built-in name or ``pkg.mod:factory``), built with the
+    JSON keyword arguments ``kwargs_json``."""
+    kwargs = parse_kwargs(kwargs_json, "--data-kwargs")
     if spec in BUILTIN_DATA:
         return BUILTIN_DATA[spec](dtype=dtype, **kwargs)
     ds = _import(spec)(**kwargs)
@@ -122,18 +145,46 @@ def load_data(spec: str, kwargs_json: str = "{}", dtype=torch.float32) -> Datase
     return ds
 
 
-def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
+def positive_int(what: str, hint: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= 1, else the option's error names ``what``
+    (then ``hint``, if given)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a positive whole number of {what}{hint}")
+        return value
+
+    convert.__name__ = "positive_int"
+    return convert
+
+
+def json_kwargs(text: str) -> str:
+    """An argparse ``type``: checks that the text is a JSON object and returns the text
+    itself (load_model / load_data parse it), so that bad JSON stops the command before
+    any process group is joined, with argparse naming the option."""
+    kwargs, problem = _read_kwargs(text)
+    if kwargs is None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def add_common_args(p: argparse.ArgumentParser, default_out: str, resume_help: str) -> None:
+    """The options both commands take; ``resume_help`` says what ``--resume`` does there."""
     p.add_argument("--model", default="digits_mlp", help="built-in name or pkg.mod:factory (default: digits_mlp)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the model factory")
+    p.add_argument("--model-kwargs", default="{}", type=json_kwargs,
+                   help="JSON keyword arguments for the model factory")
     p.add_argument("--weights", default=None, help="state dict file (torch.save) to load into the model")
     p.add_argument("--data", default="digits", help="digits, synthetic, or pkg.mod:factory returning a Dataset")
-    p.add_argument("--data-kwargs", default="{}", help="JSON keyword arguments for the data factory")
-    p.add_argument("--batch-size", type=int, default=128, help="examples per batch and rank (default: 128)")
+    p.add_argument("--data-kwargs", default="{}", type=json_kwargs,
+                   help="JSON keyword arguments for the data factory")
+    p.add_argument("--batch-size", type=positive_int("examples"), default=128,
+                   help="examples per batch and rank (default: 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", default=default_out, help=f"output zarr store (default: {default_out})")
-    p.add_argument("--resume", action="store_true",
-                   help="an existing store of this same computation is kept (nothing recomputed); an "
-                   "incomplete one is recomputed; one of another computation is refused")
+    p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a stalled collective fails")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,

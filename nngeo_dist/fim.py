@@ -2,8 +2,10 @@
 
 With no argument: the built-in MLP on digits, KFAC, ``./fim.zarr``. Under torchrun each
 rank takes its exact shard of the data set; the statistics are all-reduced, so the stored
-matrix equals the one-process result. Rank 0 prints one JSON summary line; a failure
-prints one ``error: ...`` line and exits with status 1.
+matrix equals the one-process result (up to the rounding of a sum in another order). A
+Monte-Carlo FIM (``--trials``) is the exception: each rank draws its own samples, so runs
+on different numbers of ranks are statistically equivalent, not identical. Rank 0 prints
+one JSON summary line; a failure prints one ``error: ...`` line and exits with status 1.
 
 Examples::
 
@@ -27,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 
 from .cli_common import (
-    BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, print_summary,
-    run_main, setup_logging, typed_collate,
+    BUILTIN_MODELS, DTYPES, Timer, add_common_args, load_data, load_model, positive_int,
+    print_summary, run_main, setup_logging, typed_collate,
 )
 
 log = logging.getLogger("nngeo_dist.fim")
@@ -83,6 +85,14 @@ def resolve_representation(spec: str):
     return mapping
 
 
+#: what --resume does here (the whole matrix is one result: kept or recomputed)
+RESUME_HELP = (
+    "an existing complete store of this same computation (model parameters and buffers, data "
+    "length and 16 sampled examples, settings) is kept, nothing recomputed; an incomplete "
+    "one is recomputed; one of another computation is refused"
+)
+
+
 def check_variant(variant: str, trials: Optional[int]) -> None:
     from .generator.variants import MC_VARIANTS, VARIANTS
 
@@ -99,16 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "(open it again with nngeo_dist.load). With no argument: an MLP trained on "
                     "digits, KFAC, ./fim.zarr.",
         epilog="Under torchrun (torchrun --nproc_per_node=N -m nngeo_dist.fim ...) every rank "
-               "takes its exact shard of the data and the result equals the one-process one.",
+               "takes its exact shard of the data and the result equals the one-process one (up "
+               "to rounding). With --trials each rank draws its own samples of y: the same seed "
+               "and number of ranks give the same result, another number of ranks a "
+               "statistically equivalent, not identical, one.",
     )
-    add_common_args(p, "fim.zarr")
+    add_common_args(p, "fim.zarr", RESUME_HELP)
     p.add_argument("--repr", default="kfac",
                    help="representation: " + ", ".join(REPRESENTATION_NAMES)
                    + ", or a per-layer mapping such as 'Linear=kfac,default=blockdiag' (default: kfac)")
     p.add_argument("--variant", default="classif_logits",
                    help="classif_logits, classif_binary_logits, regression (default: classif_logits)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="Monte-Carlo FIM with this many draws of y ~ p(y|x) per example")
+    no_trials = " (leave --trials out for the closed-form FIM)"
+    p.add_argument("--trials", type=positive_int("draws", no_trials), default=None,
+                   help="Monte-Carlo FIM with this many draws of y ~ p(y|x) per example "
+                        "(default: none, the closed-form FIM)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default: 0)")
     return p
 
@@ -127,13 +142,19 @@ def _summary_numbers(F) -> dict:
     return out
 
 
-def _fingerprint(args, model, n: int) -> dict:
-    from .dist.fingerprint import parameter_fingerprint
+def _fingerprint(args, model, data_sample: str, n: int) -> dict:
+    """What identifies the computation a store holds (``--resume`` keeps a store only when
+    all of it matches). The model by its parameters and buffers (BatchNorm statistics
+    change the FIM), the data by its length and a hash of 16 examples spread over it
+    (``data_sample``, see :func:`nngeo_dist.store.job.data_fingerprint`): a change to
+    other examples alone is not seen, as for the NTK stores."""
+    from .store.job import model_fingerprint
 
     return {
         "model": args.model, "model_kwargs": _canonical(args.model_kwargs),
-        "parameters": parameter_fingerprint(model), "data": args.data,
-        "data_kwargs": _canonical(args.data_kwargs), "n": n, "representation": args.repr,
+        "model_state": model_fingerprint(model), "data": args.data,
+        "data_kwargs": _canonical(args.data_kwargs), "data_sample": data_sample, "n": n,
+        "representation": args.repr,
         "variant": args.variant, "trials": args.trials, "seed": args.seed if args.trials else None,
         "dtype": args.dtype,
     }
@@ -166,10 +187,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     from . import FIM, FIM_MonteCarlo
     from .dist.errors import collective_errors
-    from .dist.fingerprint import check_same_parameters
+    from .dist.fingerprint import check_same_model
     from .dist.group import device_for_rank, init_from_env, rank, world_size
     from .dist.reduce import bytes_reduced, reset_bytes_reduced
     from .dist.sharding import shard_loader
+    from .store.job import data_fingerprint
     from .store.objects import check_output_path, load, save
 
     group = init_from_env(timeout_s=args.timeout)
@@ -181,11 +203,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with collective_errors(group):  # a rank that cannot build the model stops every rank
         model = load_model(args.model, args.model_kwargs, args.weights, device, dtype)
         dataset = load_data(args.data, args.data_kwargs, dtype)
+        data_sample = data_fingerprint(dataset)  # reads examples: may fail on one rank
     if args.model in BUILTIN_MODELS and not args.weights:
         _sync_builtin(model, group)
-    check_same_parameters(model, group)
+    check_same_model(model, group)
+    # before the resume check, so that data of different lengths on the ranks is refused
+    # even when rank 0 finds a finished store
+    loader = shard_loader(dataset, group=group, batch_size=args.batch_size, collate_fn=typed_collate(dtype))
     n = len(dataset)
-    fingerprint = _fingerprint(args, model, n)
+    fingerprint = _fingerprint(args, model, data_sample, n)
     if status in ("done", "resume"):
         status = check_output_path(args.out, overwrite=False, resume=True, group=group, fingerprint=fingerprint)
 
@@ -198,7 +224,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         F = load(args.out, group=group, device=device)
         summary.update(seconds=0.0, bytes_reduced=0, resumed=True)
     else:
-        loader = shard_loader(dataset, group=group, batch_size=args.batch_size, collate_fn=typed_collate(dtype))
         log.info("rank %d of %d: %d examples of %d", r, w, len(loader.sampler), n)
         reset_bytes_reduced()
         kw = dict(variant=args.variant, group=group, progress=False if args.no_progress else None)

@@ -39,11 +39,20 @@ log = logging.getLogger("nngeo_dist.ntk")
 DEFAULT_N_BUILTIN = 512
 
 
+#: what --resume does here: the store is continued tile by tile, never recomputed whole
+RESUME_HELP = (
+    "continue an existing store of this same computation tile by tile: tiles already written "
+    "are kept (their checksums re-checked, see --no-verify), the missing and altered ones are "
+    "computed; a store of another computation (model, data, function, outputs, tile or "
+    "dtype) is refused"
+)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nngeo_dist.ntk", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, "gram.zarr")
+    add_common_args(p, "gram.zarr", RESUME_HELP)
     p.add_argument("--tile", type=int, default=None,
                    help="tile size B in examples (chunks (c, B, c, B)); default: a (cB)^2 block of <= 8M entries")
     p.add_argument("--outputs", default="all",
@@ -98,6 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from torch.utils.data import DataLoader
 
     from . import GramMatrix
+    from .dist.errors import collective_errors
     from .dist.fingerprint import check_same_parameters
     from .dist.group import device_for_rank, init_from_env, rank, torchrun_env_present, world_size
     from .object.stored import FMatStored
@@ -118,11 +128,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = device_for_rank() if torch.cuda.is_available() and args.engine == "torchrun" else torch.device("cpu")
     dtype = DTYPES[args.dtype]
 
-    model = load_model(args.model, args.model_kwargs, args.weights, device, dtype)
+    with collective_errors(group):  # a rank that cannot load its inputs stops every rank
+        model = load_model(args.model, args.model_kwargs, args.weights, device, dtype)
+        dataset = _subset(load_data(args.data, args.data_kwargs, dtype), args.n, args.data in BUILTIN_DATA)
+        function = _import(args.function)(model) if args.function else None
     check_same_parameters(model, group)
-    dataset = _subset(load_data(args.data, args.data_kwargs, dtype), args.n, args.data in BUILTIN_DATA)
     loader = DataLoader(dataset, batch_size=args.batch_size)
-    function = _import(args.function)(model) if args.function else None
     kw = dict(
         representation=FMatStored, group=group, store=args.out, tile=args.tile,
         resume=args.resume, overwrite=args.overwrite, engine=args.engine, dtype=args.dtype,

@@ -186,6 +186,56 @@ def test_existing_output_resume_and_overwrite(tmp_path, capsys):
     assert rc == 0 and s["resumed"] is False and type(load(str(out))).__name__ == "PMatBlockDiag"
 
 
+def bn_mlp() -> torch.nn.Module:
+    """user_model's MLP with a BatchNorm between its layers (running statistics: buffers)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                               torch.nn.Linear(6, 3))
+
+
+def saved_blobs(path: str) -> torch.utils.data.TensorDataset:
+    """A data set read from a file, as on-disk data is: same arguments, contents may change."""
+    return torch.utils.data.TensorDataset(*torch.load(path))
+
+
+def test_resume_refuses_a_store_of_other_buffers(tmp_path, capsys):
+    """Same parameters, other BatchNorm running statistics: another FIM, not resumed."""
+    model = bn_mlp()
+    torch.save(model.state_dict(), tmp_path / "bn1.pt")
+    model[1].running_mean.fill_(3.0)
+    model[1].running_var.fill_(0.1)
+    torch.save(model.state_dict(), tmp_path / "bn2.pt")
+    out = tmp_path / "F.zarr"
+    base = ["--model", "test_cli_fim:bn_mlp", "--data", "user_model:blobs", "--repr", "diag",
+            "--dtype", "float64", "--no-progress", "--out", out]
+    rc, first, err = run_here(base + ["--weights", tmp_path / "bn1.pt"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_here(base + ["--weights", tmp_path / "bn2.pt", "--resume"], capsys)
+    [line] = error_lines(err)
+    assert rc == 1 and "cannot be resumed: model_state:" in line and "--overwrite" in line
+    rc, again, err = run_here(base + ["--weights", tmp_path / "bn1.pt", "--resume"], capsys)
+    assert rc == 0 and again["resumed"] is True and again["trace"] == first["trace"], err
+    rc, other, err = run_here(base + ["--weights", tmp_path / "bn2.pt", "--overwrite"], capsys)
+    assert rc == 0 and other["trace"] != pytest.approx(first["trace"], rel=1e-3), err
+
+
+def test_resume_refuses_a_store_of_other_data_contents(tmp_path, capsys):
+    """The data file changes (same length, same arguments): another FIM, not resumed."""
+    path, out = tmp_path / "data.pt", tmp_path / "F.zarr"
+    base = ["--model", "user_model:mlp", "--data", "test_cli_fim:saved_blobs", "--data-kwargs",
+            json.dumps({"path": str(path)}), "--repr", "diag", "--dtype", "float64", "--no-progress",
+            "--out", out]
+    torch.save(user_model.blobs(n=30, seed=1)[:], path)
+    rc, first, err = run_here(base, capsys)
+    assert rc == 0, err
+    torch.save(user_model.blobs(n=30, seed=2)[:], path)
+    rc, _, err = run_here(base + ["--resume"], capsys)
+    [line] = error_lines(err)
+    assert rc == 1 and "cannot be resumed: data_sample:" in line and "--overwrite" in line
+    rc, other, err = run_here(base + ["--overwrite"], capsys)
+    assert rc == 0 and other["trace"] != pytest.approx(first["trace"], rel=1e-3), err
+
+
 def test_unknown_names_list_the_valid_ones(tmp_path, capsys):
     out = tmp_path / "x.zarr"
     rc, _, err = run_here(USER + ["--repr", "nope", "--out", out], capsys)

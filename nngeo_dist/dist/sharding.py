@@ -5,9 +5,13 @@ duplicated, whatever ``n`` and the world size (torch's ``DistributedSampler`` pa
 default and is not used). Shards are contiguous blocks whose sizes differ by at most one;
 the first ``n % world`` ranks get one more index. A rank gets an empty shard when
 ``n < world``: it still takes part in every reduction, with zero sums and count 0.
+
+:func:`shard_loader` is collective in a group of several ranks: the ranks agree on the
+dataset length first, since shards cut from different lengths would overlap or miss examples.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterator, Optional
 
 import torch
@@ -124,22 +128,27 @@ def _map_style_length(dataset: Any) -> int:
         ) from None
 
 
-def shard_loader(
-    dataset_or_loader: "Dataset | DataLoader",
-    group=None,
-    batch_size: Optional[int] = None,
-    seed: Optional[int] = None,
-    **loader_kwargs: Any,
-) -> DataLoader:
-    """A DataLoader over this rank's exact shard of a map-style dataset.
+def _check_batch_size(batch_size: Any) -> None:
+    # 0 used to mean "the default" (batch_size or 1): a typo ran 100x slower, silently
+    if batch_size is None:
+        return
+    try:
+        ok = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"batch_size={batch_size!r}: pass a positive whole number of examples per batch "
+            "(or None for the loader's own, else 1)"
+        )
 
-    ``dataset_or_loader``: a map-style dataset, or a DataLoader whose ``dataset``,
-    ``batch_size``, ``collate_fn``, ``num_workers`` (and other worker settings) are reused;
-    its sampler, shuffling and ``drop_last`` are not. ``batch_size`` (default: the loader's,
-    else 1) and ``loader_kwargs`` override. ``group`` as in :func:`resolve_group`: for a
-    single process the shard is the whole dataset. ``seed``: see :class:`ShardSampler`.
-    """
+
+def _local_length(dataset_or_loader: Any, batch_size: Optional[int],
+                  loader_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], Optional[int], int]:
+    """Everything :func:`shard_loader` checks on this rank alone: (dataset, carried loader
+    settings, batch size, length). Raises on bad arguments."""
     _check_loader_kwargs(loader_kwargs)
+    _check_batch_size(batch_size)
     settings: dict[str, Any] = {}
     dataset = dataset_or_loader
     if isinstance(dataset_or_loader, DataLoader):
@@ -152,9 +161,64 @@ def shard_loader(
                     "the loader has no batch_size (it uses a batch_sampler); pass "
                     "batch_size=... to shard_loader"
                 )
-    n = _map_style_length(dataset)
+    return dataset, settings, batch_size, _map_style_length(dataset)
+
+
+def _agreed_length(n: int, error: Optional[BaseException], group) -> int:
+    """The dataset length every rank of ``group`` has, learnt in one all_gather (which also
+    carries whether a rank failed its local checks: then every rank raises, see
+    :func:`~nngeo_dist.object.groupops.agree_ints`). Shards computed from different
+    lengths would overlap or leave examples out, so differing lengths raise, on every rank,
+    an error naming each rank's length."""
+    # groupops is imported here, not at the top: nngeo_dist.object builds on nngeo_dist.dist
+    from ..object.groupops import agree_ints
+    from .agree import ranks_by_value
+    from .errors import on_every_rank
+
+    lengths = [row[0] for row in agree_ints([n], error, group)]
+    if len(set(lengths)) == 1:
+        return lengths[0]
+    listing = "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {lengths[ranks[0]]} examples"
+        for ranks in ranks_by_value(lengths)
+    )
+    raise on_every_rank(ValueError(
+        f"the dataset has a different length on each rank ({listing}): every rank must see "
+        "the same dataset to shard it exactly; check that each node reads the same, "
+        "up-to-date copy of the data"
+    ))
+
+
+def shard_loader(
+    dataset_or_loader: "Dataset | DataLoader",
+    group=None,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    **loader_kwargs: Any,
+) -> DataLoader:
+    """A DataLoader over this rank's exact shard of a map-style dataset.
+
+    ``dataset_or_loader``: a map-style dataset, or a DataLoader whose ``dataset``,
+    ``batch_size``, ``collate_fn``, ``num_workers`` (and other worker settings) are reused;
+    its sampler, shuffling and ``drop_last`` are not. ``batch_size`` (a positive int;
+    default: the loader's, else 1) and ``loader_kwargs`` override. ``group`` as in
+    :func:`resolve_group`: for a single process the shard is the whole dataset.
+    ``seed``: see :class:`ShardSampler`.
+
+    Collective when the group has more than one rank: every rank must call it (one
+    all_gather of the dataset length). Bad arguments on any rank, or lengths that differ
+    between ranks, raise on every rank (the latter a ValueError naming each rank's length).
+    """
+    error: Optional[BaseException] = None
+    dataset, settings, n = dataset_or_loader, {}, 0
+    try:
+        dataset, settings, batch_size, n = _local_length(dataset_or_loader, batch_size, loader_kwargs)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by _agreed_length
+        error = exc
     group = resolve_group(group)
+    n = _agreed_length(n, error, group)
     sampler = ShardSampler(n, group_rank(group), group_world_size(group), seed=seed)
     settings.update(loader_kwargs)
     settings.pop("drop_last", None)
-    return DataLoader(dataset, batch_size=batch_size or 1, sampler=sampler, **settings)
+    return DataLoader(dataset, batch_size=1 if batch_size is None else batch_size,
+                      sampler=sampler, **settings)
