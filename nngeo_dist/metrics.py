@@ -255,23 +255,3 @@ def _outputs_per_example(gen, model, function, batch) -> int:
     with torch.no_grad():
         out = (function or default_function(model))(*batch)
     return 1 if out.dim() == 1 else out.shape[1]
-    drawn, it = [], iter(loader)
-    for b in it:
-        drawn.append(b)
-        if not is_empty_batch(b):
-            break
-    loader = itertools.chain(drawn, it) if isinstance(loader, Iterator) else loader
-    if not drawn or is_empty_batch(drawn[-1]):  # an empty shard of a group (one process: the build raises)
-        return loader
-    batch = drawn[-1]
-    batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-    batch = tuple(t.to(gen.device) if isinstance(t, torch.Tensor) else t for t in batch)
-    with torch.no_grad():
-        out = (function or default_function(model))(*batch)
-    c = 1 if out.dim() == 1 else out.shape[1]
-    if c != n_output:
-        raise ValueError(
-            f"n_output={n_output} but the model returns {c} outputs per example; drop "
-            "n_output (it is inferred) or fix the model/function"
-        )
-    return loader

@@ -55,10 +55,14 @@ def test_from_model_flat_and_dict(name):
             assert len(tensors) == 2 and torch.equal(tensors[1], mod.bias.detach())
         else:
             assert len(tensors) == 1
-    # a detached copy: changing the model does not change the vector
+    # the model's parameters themselves (as nngeometry's): the vector follows the model,
+    # a clone().detach() is a snapshot
+    snapshot = v.clone().detach()
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    assert torch.equal(v.get_flat_representation(), flat)
+    assert torch.equal(v.get_flat_representation(), oracle.flat_params(model))
+    assert not torch.equal(v.get_flat_representation(), flat)
+    assert torch.equal(snapshot.get_flat_representation(), flat)
 
 
 @models
@@ -179,6 +183,36 @@ def test_clone_and_detach():
     d = v.detach()
     assert not d.to_torch().requires_grad
     assert torch.equal(d.to_torch(), v.to_torch())
+
+
+REPS_FOR_EWC = ["PMatDense", "PMatDiag", "PMatBlockDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag",
+                "PMatLowRank", "PMatImplicit"]
+
+
+@pytest.mark.parametrize("rep", REPS_FOR_EWC)
+def test_ewc_penalty_backpropagates_into_the_model(rep):
+    """The paper's EWC penalty F.vTMv(w - w_a), w = PVector.from_model(model): its gradient
+    w.r.t. the model's parameters is 2 M (w - w_a), M the matrix the representation holds
+    (for the implicit one, the dense oracle at the model's current parameters)."""
+    import nngeo_dist.object as O
+    from nngeo_dist import FIM
+
+    model, batches, _, lc = setup("linear")
+    F = FIM(model, batches, getattr(O, rep))
+    w_a = PVector.from_model(model).clone().detach()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    # an implicit matrix is the model's as it is now; the others were computed before
+    M = (F.to_torch() if rep != "PMatImplicit" else oracle.fim_dense(model, batches)).detach()
+    model.zero_grad()
+    penalty = F.vTMv(PVector.from_model(model) - w_a)
+    penalty.backward()
+    step = (oracle.flat_params(model) - w_a.to_torch()).detach()
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(penalty.detach(), step @ M @ step, rtol=1e-10, atol=0)
+    assert (got - 2 * M @ step).norm() <= 1e-10 * (2 * M @ step).norm()
 
 
 def test_random_pvector():

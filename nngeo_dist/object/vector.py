@@ -39,8 +39,11 @@ class PVector:
     # construction from a model -------------------------------------------------------
     @staticmethod
     def from_model(model: nn.Module, layer_collection: Optional[LayerCollection] = None) -> "PVector":
-        """The model's current parameters (detached)."""
-        return PVector._from_tensors(model, layer_collection, lambda p: p.detach().clone())
+        """The model's parameters themselves, as nngeometry's: no copy, so the vector follows
+        the model and gradients flow through it (an EWC penalty ``F.vTMv(PVector.from_model(
+        model) - w_a)`` back-propagates into the model). Take ``.clone().detach()`` for a
+        snapshot such as ``w_a``."""
+        return PVector._from_tensors(model, layer_collection, lambda p: p)
 
     @staticmethod
     def from_model_grad(model: nn.Module, layer_collection: Optional[LayerCollection] = None) -> "PVector":
@@ -83,10 +86,11 @@ class PVector:
 
     # representations -----------------------------------------------------------------
     def get_flat_representation(self) -> Tensor:
-        """(d,) in flat order."""
-        if self._flat is None:
-            self._flat = torch.cat([t.reshape(-1) for ts in self._dict.values() for t in ts])
-        return self._flat
+        """(d,) in flat order. A vector born per layer concatenates afresh at each call
+        (not cached): its tensors may be a model's live parameters, which change."""
+        if self._flat is not None:
+            return self._flat
+        return torch.cat([t.reshape(-1) for ts in self._dict.values() for t in ts])
 
     def get_dict_representation(self) -> "OrderedDict[str, tuple]":
         """layer name -> (weight,) or (weight, bias), each with its parameter's shape."""

@@ -98,6 +98,12 @@ class PMatImplicit(PMatAbstract):
     def vTMv(self, v):
         self._check_vector(v)
         x = v.to_torch()
+        value = self._vTMv_flat(x.detach())
+        if x.requires_grad and torch.is_grad_enabled():  # e.g. an EWC penalty
+            return _QuadraticForm.apply(x, value, self)
+        return value
+
+    def _vTMv_flat(self, x: Tensor) -> Tensor:
         tangents = self._tangents(x)
 
         def per_term(gen, loader):
@@ -194,6 +200,24 @@ class PMatImplicit(PMatAbstract):
         return self._with([(x * c, g, l) for c, g, l in self.terms])
 
     __mul__ = __rmul__
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """x -> x^T M x (its value computed outside: forward-mode AD is off inside a Function's
+    forward) with d/dx = (M + M^T) x = 2 M x: one mv pass, only when a gradient is asked."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor, M: "PMatImplicit") -> Tensor:
+        ctx.M = M
+        ctx.save_for_backward(x)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():  # the pass differentiates the model
+            Mx = ctx.M._mv_flat(x.detach())[0].detach()
+        return 2 * grad * Mx, None, None
 
 
 def _diag_statistics(generator, loader, trace_only: bool = False):
