@@ -21,6 +21,37 @@ def _generator(model, function, layer_collection, n_output, **kw) -> Generator:
     return Generator(model, function, layer_collection=layer_collection, n_output=n_output, **kw)
 
 
+def _as_loader(loader):
+    """nngeometry's ``examples``: a tuple of tensors sharing their first dimension, such as
+    ``(x, y)``, is ONE batch of those fields (not two batches of one tensor each); a list
+    stays a list of batches, anything else is iterated as it is."""
+    if (isinstance(loader, tuple) and loader and all(isinstance(t, torch.Tensor) and t.dim() for t in loader)
+            and len({t.shape[0] for t in loader}) == 1):
+        return [loader]
+    return loader
+
+
+def _check_call(model, n_output, kw: dict) -> None:
+    """Arguments code written for nngeometry 0.4 passes: ``device=`` (its batches go
+    there; here they go to the model's device, so it must be that one, and is dropped),
+    and a positional 4th argument, which is ``n_output`` here."""
+    if n_output is not None and (isinstance(n_output, bool) or not isinstance(n_output, int)):
+        raise TypeError(
+            f"n_output={n_output!r} is not a number of outputs: the 4th positional argument is "
+            "n_output here (nngeometry 0.4 had variant there for FIM, representation for "
+            "GramMatrix and Jacobian): pass the other arguments by keyword"
+        )
+    if "device" in kw:
+        device = torch.device(kw.pop("device"))
+        params = next(iter(model.parameters()), None)
+        here = params.device if params is not None else torch.device("cpu")
+        if device.type != here.type or (device.index is not None and device.index != here.index):
+            raise ValueError(
+                f"device={device} but the model is on {here}: batches go to the model's device; "
+                "move the model there (model.to(device)) or drop device="
+            )
+
+
 def _check_loader(loader, group=None) -> None:
     """An empty loader is an error for one process; in a group a rank may hold no example
     (the global count is checked after the reduction, on every rank alike)."""
@@ -81,8 +112,10 @@ def FIM(
     is a PMat class or a mapping layer type/name -> class (mixed). ``group``: a process
     group (default: the world group when initialised); each rank passes its own shard.
     """
+    loader = _as_loader(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    _check_call(model, n_output, kw)
     root = fim_root(function or default_function(model), variant)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
     loader = _check_n_output_matches(gen, n_output, model, function, loader, group)
@@ -121,8 +154,10 @@ def FIM_MonteCarlo(
     """Monte-Carlo FIM: ``trials`` draws y ~ p(y|x) per example (classif_logits,
     regression). With ``seed``, draws are reproducible; each rank of a group draws from its
     own stream derived from the seed and its rank."""
+    loader = _as_loader(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    _check_call(model, n_output, kw)
     params = next(iter(model.parameters()))
     rng = None
     if seed is not None:
@@ -155,8 +190,10 @@ def GramMatrix(
     ``outputs=``: a list of output indices, or ``("diff", c1, c2)`` for f_c2 - f_c1.
     ``store=path`` (with ``tile=B``): computed tile by tile into a zarr store, returned as
     a store-backed FMatStored (see nngeo_dist.object.stored)."""
+    loader = _as_loader(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    _check_call(model, n_output, kw)
     function = _select_outputs(model, function, kw)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:
@@ -182,8 +219,10 @@ def Jacobian(
 ):
     """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default); with
     ``store=path`` written in chunks (c, B, D0) to a zarr store (PushForwardStored)."""
+    loader = _as_loader(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
+    _check_call(model, n_output, kw)
     function = _select_outputs(model, function, kw)
     gen = _generator(model, function, layer_collection, n_output, **_gen_kw(kw))
     if store is not None:

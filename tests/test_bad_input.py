@@ -513,6 +513,27 @@ def test_classif_logits_on_one_dimensional_outputs(rep):
         FIM(model, loader_of(batches), rep, function=lambda x, y: model(x)[:, 0])
 
 
+def test_nngeometry_positional_arguments_named():
+    """nngeometry 0.4's 4th positional argument (FIM's variant, Gram's representation)
+    lands in n_output here: refused naming it, not misread."""
+    model, batches, _ = make("linear")
+    loader = loader_of(batches)
+    for call in (lambda: FIM(model, loader, PMatDense, "regression"),
+                 lambda: GramMatrix(model, loader, None, PMatDense)):
+        with pytest.raises(TypeError, match=r"n_output=.* is not a number of outputs.*by keyword"):
+            call()
+
+
+def test_device_argument_of_nngeometry():
+    """device= (nngeometry 0.4) is the model's device: accepted and equal, or refused."""
+    model, batches, _ = make("linear")
+    loader = loader_of(batches)
+    assert torch.equal(FIM(model, loader, PMatDiag, device="cpu").get_diag(),
+                       FIM(model, loader, PMatDiag).get_diag())
+    with pytest.raises(ValueError, match=r"device=cuda but the model is on cpu.*model.to\(device\)"):
+        FIM(model, loader, PMatDiag, device="cuda")
+
+
 def test_montecarlo_zero_trials():
     model, batches, _ = make("linear")
     with pytest.raises(ValueError, match="trials=0"):

@@ -96,6 +96,16 @@ IMPLICIT_SUBSET = ["linear", "conv2d_stride_pad", "convtranspose2d", "batchnorm2
                    "rmsnorm", "embedding_padidx", "mixed_cnn"]
 
 
+def test_a_tuple_of_tensors_is_one_batch():
+    """nngeometry's ``examples=(x, y)``: one batch of two fields, as a DataLoader over
+    TensorDataset(x, y) reads them (it was read as two batches, x then y)."""
+    cs = case("linear")
+    x, y = (torch.cat(f) for f in zip(*cs.batches))
+    assert rel(FIM(cs.model, (x, y), PMatDense).to_torch(), cs.fim("classif_logits")) < 1e-12
+    assert rel(GramMatrix(cs.model, (x, y)).to_torch(), cs.K) < 1e-12
+    assert rel(Jacobian(cs.model, (x,)).to_torch(), cs.J) < 1e-12
+
+
 def test_sparse_embedding_gradients():
     """Embedding(sparse=True) gets sparse gradients from autograd: the implicit operator
     (whose mv is a backward pass) and PVector.from_model_grad work on them as on dense

@@ -328,7 +328,7 @@ def test_list_of_batches_read_as_without_a_store(tmp_path, dense):
     ([(torch.zeros(3, 6), ["a", "b", "c"])], "batch 0 .*not a tensor or a tuple of tensors"),
     ([(torch.zeros(3, 6), torch.zeros(2))], "batch 0 .*one leading example dimension"),
     ([torch.zeros(3, 6), (torch.zeros(3, 6), torch.zeros(3))], "batch 1 of the list has 2 tensors"),
-    ((torch.zeros(3, 6), torch.zeros(3)), r"tensor 0 of batch 1 .* shape \(\), batch 0's \(6,\)"),
+    ([torch.zeros(3, 6), torch.zeros(3)], r"tensor 0 of batch 1 .* shape \(\), batch 0's \(6,\)"),
     ([], "no example was seen"),
     ([(torch.zeros(0, 6), torch.zeros(0))], "empty"),
 ])
