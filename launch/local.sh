@@ -18,10 +18,17 @@ set -euo pipefail
 
 if [ -z "$NPROC" ]; then
     NPROC=2
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=0
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        # the GPUs this job may use (nvidia-smi lists every GPU of the node); "" or -1: none
+        visible="${CUDA_VISIBLE_DEVICES//[[:space:]]/}"
+        if [ -n "$visible" ] && [ "$visible" != "-1" ]; then
+            gpus=$(echo "$visible" | tr ',' '\n' | grep -c . || true)
+        fi
+    elif command -v nvidia-smi >/dev/null 2>&1; then
         gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-        if [ "${gpus:-0}" -gt 0 ]; then NPROC="$gpus"; fi
     fi
+    if [ "${gpus:-0}" -gt 0 ]; then NPROC="$gpus"; fi
 fi
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m "$MODULE" "$@"

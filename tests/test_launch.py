@@ -48,6 +48,23 @@ def test_scripts_parse():
         subprocess.run(["bash", "-n", str(REPO / "launch" / name)], check=True)
 
 
+@pytest.mark.parametrize("visible, nproc", [(None, "4"), ("0,2", "2"), ("3", "1"), ("", "2"), ("-1", "2")])
+def test_local_script_counts_the_visible_gpus(tmp_path, visible, nproc):
+    """One process per GPU this job may use: CUDA_VISIBLE_DEVICES when set (nvidia-smi
+    lists every GPU of the node, here 4), else nvidia-smi's list; none: 2 (CPU)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: Fake (UUID: GPU-$i)\"; done\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES")}
+    env.update({"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "PYTHON": "echo"})
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    proc = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--repr", "kfac"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--nproc_per_node={nproc} " in proc.stdout and proc.stdout.rstrip().endswith("--repr kfac"), proc.stdout
+
+
 @pytest.mark.dist
 def test_sbatch_script_one_node_two_tasks(tmp_path, capsys):
     bin_dir = tmp_path / "bin"

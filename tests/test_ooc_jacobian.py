@@ -180,3 +180,14 @@ def test_n_output_checked_with_a_store(tmp_path, helper):
     assert not (tmp_path / "s.zarr").exists()
     got = fn(H.make_model(), H.make_loader(), n_output=3, store=str(tmp_path / "s.zarr"), progress=False)
     assert got.to_torch().shape[0] == 3
+
+
+def test_dask_engine_is_for_gram_stores(tmp_path):
+    """engine='dask' computes Gram stores only: a Jacobian or low-rank store refuses it by
+    name before anything is written."""
+    for make_store in (lambda p: Jacobian(H.make_model(), H.make_loader(), store=p, engine="dask"),
+                       lambda p: FIM(H.make_model(), H.make_loader(), PMatLowRank, store=p, engine="dask")):
+        path = str(tmp_path / "s.zarr")
+        with pytest.raises(ValueError, match=r"engine='dask'.*dask engine computes Gram stores only"):
+            make_store(path)
+        assert not (tmp_path / "s.zarr").exists()

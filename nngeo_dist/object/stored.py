@@ -259,6 +259,13 @@ def _jac_build(generator, loader, group, store, tile, resume, overwrite, kind, k
     from ..store.jacobian import build_jacobian_store
 
     _build_kw({"store": store})
+    engine = kw.pop("engine", "torchrun")
+    if engine != "torchrun":
+        raise ValueError(
+            f"engine={engine!r}: a {kind} store is computed by the ranks of a process group "
+            "(engine='torchrun', the default; one process or torchrun); the dask engine "
+            "computes Gram stores only"
+        )
     return build_jacobian_store(generator, loader, store, tile=tile, group=group, resume=resume,
                                 overwrite=overwrite, kind=kind, **kw)
 
