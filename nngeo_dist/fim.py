@@ -5,7 +5,8 @@ rank takes its exact shard of the data set; the statistics are all-reduced, so t
 matrix equals the one-process result (up to the rounding of a sum in another order). A
 Monte-Carlo FIM (``--trials``) is the exception: each rank draws its own samples, so runs
 on different numbers of ranks are statistically equivalent, not identical. Rank 0 prints
-one JSON summary line; a failure prints one ``error: ...`` line and exits with status 1.
+one JSON summary line; a failure prints one ``error: ...`` line (per rank) and exits with
+status 1; an invalid option is refused by the argument parser with status 2.
 
 Examples::
 
@@ -246,7 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: exit status 0, or 1 with one ``error: ...`` line on stderr."""
+    """Entry point: exit status 0, or 1 with one ``error: ...`` line on stderr (2 for an
+    invalid option, from the argument parser)."""
     return run_main(main, argv)
 
 
