@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
-MC_VARIANTS = ("classif_logits", "regression")
+MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
 
 
 def _check(variant: str, valid) -> None:
@@ -80,7 +80,19 @@ def _multinomial_cholesky_root(f: Tensor) -> Tensor:
 
 def monte_carlo_root(function: Callable, variant: str, trials: int, generator: Optional[torch.Generator]) -> Callable:
     """Sampled FIM square root: y_t ~ p(y|x), r_t = log p(y_t | x) / sqrt(trials)
-    (up to terms constant in w), so sum_t grad r_t grad r_t^T = mean_t g_t g_t^T."""
+    (up to terms constant in w), so sum_t grad r_t grad r_t^T = mean_t g_t g_t^T.
+
+    The draws are nngeometry 0.4's (same calls in the same order: the same matrix for the
+    same seed), ``function(*batch)`` returning:
+
+    - classif_logits: logits (N, C); y ~ softmax(f).
+    - classif_logsoftmax: log-probabilities (N, C) (e.g. a model ending in LogSoftmax);
+      y ~ exp(f).
+    - segmentation_logits: logits (N, C, H, W), one class per pixel: at every pixel
+      y ~ softmax over C, independently, and r_t is the log-likelihood of the whole
+      drawn segmentation, the sum over pixels (any number of spatial dims is accepted).
+    - regression: outputs (N, c) of a unit-variance Gaussian; y = f + eps.
+    """
     _check(variant, MC_VARIANTS)
     if trials < 1:
         raise ValueError(f"trials={trials}: at least one draw per example is needed")
@@ -88,12 +100,59 @@ def monte_carlo_root(function: Callable, variant: str, trials: int, generator: O
 
     if variant == "classif_logits":
         def root(*batch):
-            logp = torch.log_softmax(function(*batch), dim=1)
-            y = torch.multinomial(logp.detach().exp(), trials, replacement=True, generator=generator)
-            return scale * torch.gather(logp, 1, y)
+            f = _classif_outputs(function(*batch), variant)
+            return scale * _sampled_log_likelihood(torch.log_softmax(f, dim=1), trials, generator)
+    elif variant == "classif_logsoftmax":
+        def root(*batch):
+            logp = _checked_log_probabilities(_classif_outputs(function(*batch), variant))
+            return scale * _sampled_log_likelihood(logp, trials, generator)
+    elif variant == "segmentation_logits":
+        def root(*batch):
+            f = function(*batch)
+            if f.dim() < 3:
+                raise ValueError(
+                    f"variant segmentation_logits needs logits of shape (batch, C, H, W), a class "
+                    f"per pixel; the function returns shape {tuple(f.shape)}: for one class per "
+                    "example use classif_logits"
+                )
+            logp = torch.log_softmax(f, dim=1)
+            n, c = f.shape[:2]
+            per_pixel = logp.movedim(1, -1).reshape(-1, c)  # (n * pixels, C), pixel-major per example
+            drawn = _sampled_log_likelihood(per_pixel, trials, generator)
+            return scale * drawn.view(n, -1, trials).sum(dim=1)
     else:
         def root(*batch):
             f = function(*batch)
             eps = torch.randn((trials,) + f.shape, dtype=f.dtype, device=f.device, generator=generator)
             return scale * torch.einsum("tnc,nc->nt", eps, f)
     return root
+
+
+def _sampled_log_likelihood(logp: Tensor, trials: int, generator: Optional[torch.Generator]) -> Tensor:
+    """(M, C) log-probabilities -> (M, trials): log p(y_t) for y_t ~ exp(logp) drawn per
+    row, with replacement (differentiable in logp; the draws are not)."""
+    y = torch.multinomial(logp.detach().exp(), trials, replacement=True, generator=generator)
+    return torch.gather(logp, 1, y)
+
+
+def _classif_outputs(f: Tensor, variant: str) -> Tensor:
+    if f.dim() != 2:
+        raise ValueError(
+            f"variant {variant} needs outputs of shape (batch, C); the function returns shape "
+            f"{tuple(f.shape)}: for a class per pixel use segmentation_logits"
+        )
+    return f
+
+
+def _checked_log_probabilities(f: Tensor) -> Tensor:
+    """``f`` itself, once each row of exp(f) is known to sum to 1: logits given as
+    log-probabilities would be renormalised by the draw and give a wrong matrix silently."""
+    if f.numel():
+        tol = max(1e-3, f.shape[1] * torch.finfo(f.dtype).eps)
+        worst = (f.detach().exp().sum(dim=1) - 1).abs().max().item()
+        if not worst <= tol:
+            raise ValueError(
+                f"variant classif_logsoftmax needs log-probabilities (rows of exp(f) summing to "
+                f"1); the function's rows sum to 1 +- {worst:.3g}: for logits use classif_logits"
+            )
+    return f

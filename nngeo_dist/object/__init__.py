@@ -1,6 +1,6 @@
 """The objects a user holds: vectors, parameter-space and function-space matrices, maps."""
 from .fspace import FMatDense, ShardedFVector
-from .map import PullBackDense, PushForwardDense, PushForwardImplicit
+from .map import PFMapDense, PFMapImplicit, PullBackDense, PushForwardDense, PushForwardImplicit
 from .pspace import (
     PMatAbstract,
     PMatBlockDiag,
@@ -9,12 +9,13 @@ from .pspace import (
     PMatImplicit,
     PMatLowRank,
 )
-from .vector import FVector, PVector, random_pvector
+from .vector import FVector, PVector, random_fvector, random_pvector, random_pvector_dict
 
 __all__ = [
-    "PVector", "FVector", "random_pvector",
+    "PVector", "FVector", "random_pvector", "random_pvector_dict", "random_fvector",
     "PMatAbstract", "PMatDense", "PMatDiag", "PMatBlockDiag", "PMatLowRank", "PMatImplicit",
     "FMatDense", "ShardedFVector", "PushForwardDense", "PushForwardImplicit", "PullBackDense",
+    "PFMapDense", "PFMapImplicit",  # nngeometry 0.4's names of the push-forwards
 ]
 from .pspace import PMatEKFAC, PMatKFAC, PMatMixed, PMatQuasiDiag
 

@@ -50,6 +50,7 @@ from .groupops import (
     held_group,
     refuse_store,
 )
+from .pspace.base import picklable_state
 from .vector import FVector
 from ..generator.generator import is_empty_batch
 from ..generator.gram import extent as gram_extent
@@ -449,6 +450,15 @@ class FMatDense:
         if self.evals is None:
             self.compute_eigendecomposition()
         return self.evals, self.evecs
+
+    # pickling ---------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the generator (not picklable; see
+        :func:`~nngeo_dist.object.pspace.base.picklable_state`); refused in a group."""
+        return picklable_state(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     # algebra ----------------------------------------------------------------------------
     def _same_layout(self, other: "FMatDense") -> None:

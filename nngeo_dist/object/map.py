@@ -23,6 +23,7 @@ from .groupops import (
     RowLayout, agree_ints, check_model, effective_group, group_rank, group_sum, held_group,
     refuse_store,
 )
+from .pspace.base import picklable_state
 from .vector import FVector, PVector
 
 
@@ -122,6 +123,14 @@ class _RowShardedJacobian:
         from ..store.objects import save
 
         return save(self, path, **kw)
+
+    def __getstate__(self) -> dict:
+        """Everything but the generator (not picklable; see
+        :func:`~nngeo_dist.object.pspace.base.picklable_state`); refused in a group."""
+        return picklable_state(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def _like(self, cls, data: Tensor):
         return cls(self.layer_collection, data, self.generator, self.group, self.layout)
@@ -239,3 +248,14 @@ class PushForwardImplicit:
         return ShardedFVector(x, self.group, layout)
 
     jvp = mv
+
+    def __getstate__(self) -> dict:
+        # refused with a sentence (it holds a loader, no numbers) rather than pickle's
+        # "Can't pickle local object" about the generator's function
+        return picklable_state(self)
+
+
+#: nngeometry 0.4's names for the push-forward maps (``nngeometry.object.map``), so that
+#: ``from nngeometry.object import PFMapDense`` ports by changing the package name
+PFMapDense = PushForwardDense
+PFMapImplicit = PushForwardImplicit

@@ -33,8 +33,11 @@ class PVector:
                 f"vector_repr has shape {tuple(vector_repr.shape)}, the collection has "
                 f"d={layer_collection.numel()} parameters"
             )
+        # the form the vector was born in is kept as given (vector_repr / dict_repr report
+        # it, as nngeometry's attributes do); the other form is derived on demand
         self._flat = vector_repr
         self._dict = None if dict_repr is None else OrderedDict((k, tuple(v)) for k, v in dict_repr.items())
+        self._dict_view = None  # per-layer views of a flat-born vector, made once
 
     # construction from a model -------------------------------------------------------
     @staticmethod
@@ -85,6 +88,19 @@ class PVector:
                     op(mod.bias, tensors[1])
 
     # representations -----------------------------------------------------------------
+    @property
+    def vector_repr(self) -> Optional[Tensor]:
+        """The flat tensor (d,) this vector was built from, or None for a vector built per
+        layer (as nngeometry's attribute); :meth:`to_torch` gives (d,) whatever the form."""
+        return self._flat
+
+    @property
+    def dict_repr(self) -> "Optional[OrderedDict[str, tuple]]":
+        """The per-layer dict this vector was built from (layer name -> (weight,) or
+        (weight, bias)), or None for a vector built flat (as nngeometry's attribute);
+        :meth:`to_dict` gives the dict whatever the form."""
+        return self._dict
+
     def get_flat_representation(self) -> Tensor:
         """(d,) in flat order. A vector born per layer concatenates afresh at each call
         (not cached): its tensors may be a model's live parameters, which change."""
@@ -93,8 +109,11 @@ class PVector:
         return torch.cat([t.reshape(-1) for ts in self._dict.values() for t in ts])
 
     def get_dict_representation(self) -> "OrderedDict[str, tuple]":
-        """layer name -> (weight,) or (weight, bias), each with its parameter's shape."""
-        if self._dict is None:
+        """layer name -> (weight,) or (weight, bias), each with its parameter's shape;
+        for a flat-born vector, views into its flat tensor."""
+        if self._dict is not None:
+            return self._dict
+        if self._dict_view is None:
             d = OrderedDict()
             for name, layer in self.layer_collection.layers.items():
                 start = self.layer_collection.p_pos[name]
@@ -104,8 +123,8 @@ class PVector:
                     d[name] = (w, b)
                 else:
                     d[name] = (w,)
-            self._dict = d
-        return self._dict
+            self._dict_view = d
+        return self._dict_view
 
     to_torch = get_flat_representation
     to_dict = get_dict_representation
@@ -214,7 +233,53 @@ class FVector:
         return self._flat.shape
 
 
-def random_pvector(layer_collection: LayerCollection, dtype=torch.float32, device=None, generator=None) -> PVector:
-    """A standard normal PVector (for tests, Hutchinson estimates and examples)."""
-    v = torch.randn(layer_collection.numel(), dtype=dtype, device=device, generator=generator)
+def random_pvector(
+    layer_collection: LayerCollection,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> PVector:
+    """A PVector (d,) of independent standard normal coefficients, held flat.
+
+    As nngeometry 0.4's (same positional order, float64 by default, the same draws for
+    the same seed); ``generator``: draw from it instead of torch's global stream."""
+    v = torch.normal(0.0, 1.0, (layer_collection.numel(),), device=device, dtype=dtype, generator=generator)
     return PVector(layer_collection, vector_repr=v)
+
+
+def random_pvector_dict(
+    layer_collection: LayerCollection,
+    device=None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    generator: Optional[torch.Generator] = None,
+) -> PVector:
+    """A PVector of independent standard normal coefficients, held per layer (layer name
+    -> (weight,) or (weight, bias), the parameters' shapes).
+
+    As nngeometry 0.4's: torch's default dtype unless ``dtype`` is given, drawn layer by
+    layer in the collection's order, weight then bias (the same draws for the same seed)."""
+    def draw(shape):
+        return torch.normal(0.0, 1.0, tuple(shape), device=device, dtype=dtype, generator=generator)
+
+    d = OrderedDict()
+    for name, layer in layer_collection.layers.items():
+        w = draw(layer.weight_shape)  # drawn before the bias: nngeometry's order
+        d[name] = (w, draw(layer.bias_shape)) if layer.has_bias else (w,)
+    return PVector(layer_collection, dict_repr=d)
+
+
+def random_fvector(
+    n_samples: int,
+    n_output: int = 1,
+    device=None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    generator: Optional[torch.Generator] = None,
+) -> FVector:
+    """An FVector of shape (n_output, n_samples) = (c, n) of independent standard normal
+    values: nngeometry 0.4's layout, which is already this library's (c, n), so the
+    result is the same tensor (torch's default dtype unless ``dtype`` is given)."""
+    v = torch.normal(0.0, 1.0, (n_output, n_samples), device=device, dtype=dtype, generator=generator)
+    return FVector(v)

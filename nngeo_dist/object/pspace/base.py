@@ -80,6 +80,17 @@ class PMatAbstract:
     def get_diag(self) -> Tensor:
         raise self._no("get_diag", "PMatDiag or PMatDense")
 
+    def mm(self, other: "PMatAbstract") -> "PMatAbstract":
+        """The matrix product M @ other, both of this representation on the same layers."""
+        raise self._no("mm", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
+
+    def compute_eigendecomposition(self):
+        """Eigenvalues ascending and eigenvectors as columns, where exact (see each class)."""
+        raise self._no("compute_eigendecomposition", _EIG_INSTEAD)
+
+    def get_eigendecomposition(self):
+        raise self._no("get_eigendecomposition", _EIG_INSTEAD)
+
     def to_torch(self) -> Tensor:
         raise self._no("to_torch", "PMatDense")
 
@@ -93,6 +104,15 @@ class PMatAbstract:
         from ...store.objects import save
 
         save(self, path, **kw)
+
+    # pickling -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the generator (the model and a function, often a closure: not
+        picklable); see :func:`picklable_state`."""
+        return picklable_state(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     # helpers ------------------------------------------------------------------------------
     def _no(self, op: str, instead: str) -> NotImplementedError:
@@ -127,6 +147,68 @@ class PMatAbstract:
             )
         if other.layer_collection != self.layer_collection:
             raise ValueError("the two matrices live on different LayerCollections")
+
+
+_EIG_INSTEAD = "PMatDense, PMatLowRank, PMatDiag, PMatBlockDiag or torch.linalg.eigh(M.to_torch())"
+
+
+class DroppedGenerator:
+    """Stands in, after unpickling, for the generator of an object (the model and the
+    function it was computed from, which are not pickled).
+
+    It keeps what nngeometry's stand-in keeps (``layer_collection``, ``device``,
+    ``get_device()``); any other use, i.e. an operation that needs a new pass over the
+    data (EKFAC's ``update_diag``...), raises a ValueError saying so."""
+
+    def __init__(self, owner: str, layer_collection: Optional[LayerCollection], device):
+        self.owner = owner
+        self.layer_collection = layer_collection
+        self.device = device
+
+    def get_device(self):
+        return self.device
+
+    def __getattr__(self, name: str):
+        # only reached for attributes not set in __init__; dunder lookups (copy, pickle)
+        # must see a plain AttributeError
+        if name.startswith("__") or name in ("owner", "layer_collection", "device"):
+            raise AttributeError(name)
+        raise ValueError(
+            f"this {self.owner} was unpickled, and its generator (the model and function it "
+            f"was computed from) is not pickled, so '{name}', which needs a new pass over the "
+            f"data, cannot run: compute the object again (FIM(model, loader, ...))"
+        )
+
+    def __repr__(self) -> str:
+        return f"DroppedGenerator(of a {self.owner})"
+
+
+def picklable_state(obj) -> dict:
+    """``obj.__dict__`` for pickling: its ``generator`` replaced by a
+    :class:`DroppedGenerator`. Refused, with a TypeError naming what to do instead, for
+    an object sharded over a process group (``group``: it holds only this rank's part) and
+    for an implicit object (``loader``: it holds no numbers, only the model and data)."""
+    name = type(obj).__name__
+    state = dict(obj.__dict__)
+    if "loader" in state:
+        raise TypeError(
+            f"a {name} holds no numbers, only the model and the data loader it passes over at "
+            "each operation, so it cannot be pickled: pickle a stored representation "
+            "(PMatDense, PMatLowRank, PushForwardDense...) or the model and data"
+        )
+    if state.get("group") is not None:
+        raise TypeError(
+            f"this {name} holds only this rank's part of an object sharded over a process "
+            "group, so it cannot be pickled alone: pickle obj.gather() (collective), or save "
+            "it with obj.save(path) from every rank"
+        )
+    gen = state.get("generator")
+    if gen is not None:
+        lc = getattr(obj, "layer_collection", None)
+        if lc is None:  # FMatDense has none of its own
+            lc = getattr(gen, "layer_collection", None)
+        state["generator"] = DroppedGenerator(name, lc, getattr(gen, "device", None))
+    return state
 
 
 def regularised_solve(M: Tensor, b: Tensor, regul: float) -> Tensor:

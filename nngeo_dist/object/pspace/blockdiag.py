@@ -18,6 +18,7 @@ class PMatBlockDiag(PMatAbstract):
     def __init__(self, layer_collection, data: dict, generator=None):
         super().__init__(layer_collection, generator)
         self.data = data
+        self.evals = self.evecs = None
 
     @classmethod
     def from_statistics(cls, layer_collection, stats, generator=None):
@@ -53,6 +54,28 @@ class PMatBlockDiag(PMatAbstract):
     def inverse(self, regul: float = 1e-8):
         self._check_regul(regul)
         return self._map(lambda b: regularised_inverse(b, regul))
+
+    def mm(self, other: "PMatBlockDiag") -> "PMatBlockDiag":
+        """The matrix product M @ other: block by block, M_ll @ other_ll."""
+        self._same_kind(other)
+        blocks = OrderedDict((n, b @ other.data[n]) for n, b in self.data.items())
+        return PMatBlockDiag(self.layer_collection, blocks, self.generator)
+
+    def compute_eigendecomposition(self):
+        """Exact and as PMatDense's: eigenvalues ascending (d,) and eigenvectors as columns
+        (d, d), from each (symmetrised) block's eigh, zero outside the block's rows, the
+        columns of every block sorted together (ties in flat order). The eigenvectors are
+        a dense (d, d) tensor: memory d^2, as PMatDense."""
+        per_block = [torch.linalg.eigh((b + b.t()) / 2) for b in self.data.values()]
+        evals = torch.cat([e for e, _ in per_block])
+        self.evals, order = torch.sort(evals, stable=True)
+        self.evecs = torch.block_diag(*(u for _, u in per_block))[:, order]
+        return self.evals, self.evecs
+
+    def get_eigendecomposition(self):
+        if self.evals is None:
+            self.compute_eigendecomposition()
+        return self.evals, self.evecs
 
     def _map(self, fn):
         return PMatBlockDiag(self.layer_collection, OrderedDict((n, fn(b)) for n, b in self.data.items()), self.generator)

@@ -64,6 +64,11 @@ class PMatDense(PMatAbstract):
             self.compute_eigendecomposition()
         return self.evals, self.evecs
 
+    def mm(self, other: "PMatDense") -> "PMatDense":
+        """The matrix product M @ other (d, d), as nngeometry's ``PMatDense.mm``."""
+        self._same_kind(other)
+        return PMatDense(self.layer_collection, self.data @ other.data, self.generator)
+
     def __add__(self, other):
         self._same_kind(other)
         return PMatDense(self.layer_collection, self.data + other.data, self.generator)

@@ -16,6 +16,7 @@ class PMatDiag(PMatAbstract):
     def __init__(self, layer_collection, data, generator=None):
         super().__init__(layer_collection, generator)
         self.data = data
+        self.evals = self.evecs = None
 
     @classmethod
     def from_statistics(cls, layer_collection, stats, generator=None):
@@ -50,6 +51,24 @@ class PMatDiag(PMatAbstract):
     def inverse(self, regul: float = 1e-8):
         self._check_regul(regul, singular_ok=bool((self.data > 0).all()))
         return PMatDiag(self.layer_collection, 1.0 / (self.data + regul), self.generator)
+
+    def mm(self, other: "PMatDiag") -> "PMatDiag":
+        """The matrix product M @ other: the elementwise product of the diagonals (d,)."""
+        self._same_kind(other)
+        return PMatDiag(self.layer_collection, self.data * other.data, self.generator)
+
+    def compute_eigendecomposition(self):
+        """Exact and as PMatDense's: eigenvalues ascending (d,), the diagonal sorted (ties
+        in flat order), and eigenvectors as columns (d, d), the unit vectors e_i in that
+        order. The eigenvectors are a dense (d, d) tensor: memory d^2, as PMatDense."""
+        self.evals, order = torch.sort(self.data, stable=True)
+        self.evecs = torch.eye(self.data.numel(), dtype=self.data.dtype, device=self.data.device)[:, order]
+        return self.evals, self.evecs
+
+    def get_eigendecomposition(self):
+        if self.evals is None:
+            self.compute_eigendecomposition()
+        return self.evals, self.evecs
 
     def __add__(self, other):
         self._same_kind(other)
