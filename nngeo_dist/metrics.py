@@ -168,7 +168,7 @@ def FIM_MonteCarlo(
         rng.manual_seed(int(seed) + 1_000_003 * _rank(resolved_group(group)))
     root = monte_carlo_root(function or default_function(model), variant, trials, rng)
     gen = _generator(model, root, layer_collection, None, **_gen_kw(kw))
-    gen.rng = rng
+    gen.random, gen.rng = True, rng
     loader = _check_n_output_matches(gen, n_output, model, function, loader, group)
     return _build(representation, gen, loader, group, **kw)
 

@@ -347,6 +347,19 @@ def test_fim_montecarlo_implicit_is_one_matrix(variant):
     assert rel(x, torch.linalg.solve(D + regul * torch.eye(D.shape[0], dtype=D.dtype), cs.v)) < 1e-8
 
 
+def test_fim_montecarlo_implicit_part_of_a_mapping_is_one_matrix():
+    """An implicit part of a per-layer mapping draws from the helper's seeded stream too:
+    with every layer in it, it is the PMatDense of the same seed, at every operation."""
+    cs = case(MC_MODEL)
+    kw = dict(trials=2, seed=11)
+    D = FIM_MonteCarlo(cs.model, cs.loader, PMatDense, **kw).to_torch()
+    F = FIM_MonteCarlo(cs.model, cs.loader, {"default": PMatImplicit}, **kw)
+    v = PVector(F.layer_collection, vector_repr=cs.v.clone())
+    for _ in range(2):
+        assert rel(F.vTMv(v), cs.v @ D @ cs.v) < 1e-12
+    assert rel(F.mv(v).to_torch(), D @ cs.v) < 1e-12
+
+
 def test_fim_montecarlo_implicit_unseeded_draws_once_from_global_rng():
     """Without a seed the draws come from torch's global generator: the first operation
     advances it as a dense build would, later operations replay without touching it."""

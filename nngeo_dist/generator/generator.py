@@ -78,10 +78,20 @@ class Generator:
         params = self.layer_collection.parameters(model)
         self.device = params[0].device
         self.dtype = params[0].dtype
-        #: the torch.Generator a random function draws from (None: torch's global one)
+        #: whether the function draws random numbers (a Monte-Carlo FIM root), and the
+        #: torch.Generator it draws from (None: torch's global one)
+        self.random = False
         self.rng: Optional[torch.Generator] = None
         self._rng_snapshot = None
         self._rng_origin = None  # the random state of the first replayed pass
+
+    def restricted_to(self, layer_collection) -> "Generator":
+        """The same model and function (and its random draws) on some of the layers."""
+        sub = Generator(self.model, self.function, layer_collection=layer_collection,
+                        n_output=self.n_output, max_outputs=self.capturer.max_outputs,
+                        progress=self.progress)
+        sub.random, sub.rng = self.random, self.rng
+        return sub
 
     # iteration ------------------------------------------------------------------------
     def batches(self, loader: Iterable, desc: str = "") -> Iterable[tuple]:
@@ -329,7 +339,11 @@ class Generator:
         vTMv, trace and CG step) must replay the same draws each time. The first pass
         draws as usual; a later one starts from the random state the first started from,
         and afterwards the random state is put back, so that torch's global generator
-        (used when no seed was given) advances once, not once per operation."""
+        (used when no seed was given) advances once, not once per operation. A function
+        that draws nothing needs no replay."""
+        if not self.random:
+            yield
+            return
         if self._rng_origin is None:
             self._rng_origin = self._rng_state()
             yield

@@ -153,8 +153,6 @@ class PMatMixed(PMatAbstract):
     def build(cls, generator, loader, group=None, mapping=None, update_diag: bool = False, **kw):
         """Parts with additive statistics: one pass, one reduction, then finalised each;
         the others (PMatLowRank, PMatImplicit) built on their own sub-collection."""
-        from ...generator import Generator
-
         lc = generator.layer_collection
         parts_of = cls._parts_of(lc, mapping)
         specs = {}
@@ -179,12 +177,8 @@ class PMatMixed(PMatAbstract):
                 part = pcls.from_statistics(sub, split_statistics(stats, prefix), generator=generator,
                                             **_accepted(pcls.from_statistics, kw))
             else:
-                sub_gen = Generator(
-                    generator.model, generator.function, layer_collection=sub,
-                    n_output=generator.n_output, max_outputs=generator.capturer.max_outputs,
-                    progress=generator.progress,
-                )
-                part = pcls.build(sub_gen, loader, group=group, **_accepted(pcls.build, kw))
+                part = pcls.build(generator.restricted_to(sub), loader, group=group,
+                                  **_accepted(pcls.build, kw))
             parts.append(part)
         out = cls(lc, parts, generator, mapping)
         if update_diag:
