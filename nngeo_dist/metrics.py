@@ -6,6 +6,7 @@ representation's ``build`` (statistics -> reduce -> finalise).
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterator
 from typing import Callable, Optional
 
@@ -35,7 +36,7 @@ def _check_call(model, n_output, kw: dict) -> None:
     """Arguments code written for nngeometry 0.4 passes: ``device=`` (its batches go
     there; here they go to the model's device, so it must be that one, and is dropped),
     and a positional 4th argument, which is ``n_output`` here."""
-    if n_output is not None and (isinstance(n_output, bool) or not isinstance(n_output, int)):
+    if n_output is not None and (isinstance(n_output, bool) or not _is_whole(n_output)):
         raise TypeError(
             f"n_output={n_output!r} is not a number of outputs: the 4th positional argument is "
             "n_output here (nngeometry 0.4 had variant there for FIM, representation for "
@@ -50,6 +51,15 @@ def _check_call(model, n_output, kw: dict) -> None:
                 f"device={device} but the model is on {here}: batches go to the model's device; "
                 "move the model there (model.to(device)) or drop device="
             )
+
+
+def _is_whole(x) -> bool:
+    """An int, numpy integer or integer 0-d tensor (what operator.index accepts)."""
+    try:
+        operator.index(x)
+        return True
+    except TypeError:
+        return False
 
 
 def _check_loader(loader, group=None) -> None:

@@ -522,6 +522,10 @@ def test_nngeometry_positional_arguments_named():
                  lambda: GramMatrix(model, loader, None, PMatDense)):
         with pytest.raises(TypeError, match=r"n_output=.* is not a number of outputs.*by keyword"):
             call()
+    import numpy as np
+
+    c = FIM(model, loader, PMatDense).to_torch()  # a numpy integer is a number of outputs
+    assert torch.equal(FIM(model, loader, PMatDense, np.int64(3)).to_torch(), c)
 
 
 def test_device_argument_of_nngeometry():
