@@ -143,17 +143,16 @@ def _summary_numbers(F) -> dict:
     return out
 
 
-def _fingerprint(args, model, data_sample: str, n: int) -> dict:
+def _fingerprint(args, model_state: str, data_sample: str, n: int) -> dict:
     """What identifies the computation a store holds (``--resume`` keeps a store only when
-    all of it matches). The model by its parameters and buffers (BatchNorm statistics
-    change the FIM), the data by its length and a hash of 16 examples spread over it
-    (``data_sample``, see :func:`nngeo_dist.store.job.data_fingerprint`): a change to
-    other examples alone is not seen, as for the NTK stores."""
-    from .store.job import model_fingerprint
-
+    all of it matches). The model by its parameters and buffers (``model_state``, see
+    :func:`nngeo_dist.dist.fingerprint.check_same_model`: BatchNorm statistics change the
+    FIM), the data by its length and a hash of 16 examples spread over it (``data_sample``,
+    see :func:`nngeo_dist.store.job.data_fingerprint`): a change to other examples alone
+    is not seen, as for the NTK stores."""
     return {
         "model": args.model, "model_kwargs": _canonical(args.model_kwargs),
-        "model_state": model_fingerprint(model), "data": args.data,
+        "model_state": model_state, "data": args.data,
         "data_kwargs": _canonical(args.data_kwargs), "data_sample": data_sample, "n": n,
         "representation": args.repr,
         "variant": args.variant, "trials": args.trials, "seed": args.seed if args.trials else None,
@@ -207,12 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         data_sample = data_fingerprint(dataset)  # reads examples: may fail on one rank
     if args.model in BUILTIN_MODELS and not args.weights:
         _sync_builtin(model, group)
-    check_same_model(model, group)
+    model_state = check_same_model(model, group)  # the helpers need not check it again
     # before the resume check, so that data of different lengths on the ranks is refused
     # even when rank 0 finds a finished store
     loader = shard_loader(dataset, group=group, batch_size=args.batch_size, collate_fn=typed_collate(dtype))
     n = len(dataset)
-    fingerprint = _fingerprint(args, model, data_sample, n)
+    fingerprint = _fingerprint(args, model_state, data_sample, n)
     if status in ("done", "resume"):
         status = check_output_path(args.out, overwrite=False, resume=True, group=group, fingerprint=fingerprint)
 
@@ -227,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         log.info("rank %d of %d: %d examples of %d", r, w, len(loader.sampler), n)
         reset_bytes_reduced()
-        kw = dict(variant=args.variant, group=group, progress=False if args.no_progress else None)
+        kw = dict(variant=args.variant, group=group, progress=False if args.no_progress else None,
+                  check_parameters=False)
         if args.repr == "ekfac" or (isinstance(representation, dict) and any(
                 c.__name__ == "PMatEKFAC" for c in representation.values())):
             kw["update_diag"] = True  # EKFAC's point: the diagonal re-fitted in its basis
