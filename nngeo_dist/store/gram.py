@@ -100,14 +100,6 @@ def tile_generator(generator, outputs: Any = None):
     )
 
 
-def count_outputs(generator, source: DataSource) -> int:
-    """Number of outputs ``c`` of the generator's function (one forward on two examples)."""
-    batch = tuple(t.to(generator.device) if isinstance(t, Tensor) else t for t in source.first_batch(2))
-    with torch.no_grad():
-        out = generator.function(*batch)
-    return 1 if out.dim() == 1 else int(out.shape[1])
-
-
 
 @dataclass
 class Job:
@@ -154,11 +146,12 @@ def open_job(generator, loader, store, group, outputs, progress, batch_size, use
     gen = tile_generator(generator, outputs)
     source = DataSource(loader, batch_size)
     with collective_errors(group):
-        c = count_outputs(gen, source)
+        probe = function_probe(gen.function, source, gen.device)  # (k, c)
+        c = probe.shape[1]
         generator._check_n_output(c)  # n_output=, as the in-memory helpers check it
         spec = make_spec(gen, source, c, user_function if user_function is not None else base_function,
                          outputs)
-        spec.meta["function_probe"] = function_probe(gen.function, source, gen.device)
+        spec.meta["function_probe"] = probe.reshape(-1).tolist()
     check_same_across_ranks(spec.fingerprint, f"the settings of {what} (model, data, "
                             "function, outputs, tile, dtype)", group,
                             "give every rank the same model, dataset and arguments")

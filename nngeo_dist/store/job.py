@@ -356,9 +356,9 @@ def model_fingerprint(model: torch.nn.Module, layer_collection=None) -> str:
     return h.hexdigest()
 
 
-def function_probe(function: Callable, source: "DataSource", device: torch.device) -> list[float]:
-    """The function's outputs on the examples :func:`sample_indices` picks, flattened
-    ``(k, c)`` in float64.
+def function_probe(function: Callable, source: "DataSource", device: torch.device) -> torch.Tensor:
+    """The function's outputs ``(k, c)`` on the examples :func:`sample_indices` picks, in
+    float64 on the cpu (also what tells a job its number of outputs c).
 
     A name cannot tell two lambdas, two closures of one factory, or two architectures with
     the same parameters apart; their outputs on the same examples can. A resumed job
@@ -367,7 +367,8 @@ def function_probe(function: Callable, source: "DataSource", device: torch.devic
     batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
     with torch.no_grad():
         out = function(*batch)
-    return out.detach().to(torch.float64).reshape(-1).cpu().tolist()
+    out = out.unsqueeze(1) if out.dim() == 1 else out
+    return out.detach().to(torch.float64).cpu()
 
 
 def check_probe(stored: Optional[list], requested: Optional[list], where: str) -> None:
