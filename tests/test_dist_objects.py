@@ -431,3 +431,45 @@ def test_a_group_of_one_process_is_one_process():
         assert got[rank]["jacobian"].shape == J.shape and rel(got[rank]["jacobian"], J) < RTOL
         assert rel(got[rank]["pushforward"], torch.einsum("cnd,d->cn", J, v.to_torch())) < RTOL
         assert abs(got[rank]["gram_trace"] - float((J * J).sum())) <= RTOL * float((J * J).sum())
+
+
+def _rank_penalty(rank: int, world: int) -> dict:
+    """An EWC-like penalty in a group: through a matrix every rank holds whole, its
+    gradient flows; through a row-sharded one (a sum over ranks) its value is right and
+    a gradient through it is refused by name (it would be zero, silently)."""
+    import torch.distributed as dist
+
+    model, batches, _ = make("linear", n=7, seed=0)
+    x, y = (torch.cat(f) for f in zip(*batches))
+    idx = list(shard_range(7, rank, world))
+    loader = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=2)
+    out = {}
+    w = PVector.from_model(model)
+    dense = FIM(model, loader, PMatDense)
+    model.zero_grad()
+    dense.vTMv(w).backward()
+    out["dense_grad"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    out["dense"] = dense.to_torch()
+    lowrank = FIM(model, loader, PMatLowRank)
+    penalty = lowrank.vTMv(w)  # the value is there; a gradient through it is refused
+    out["value"] = float(penalty.detach())
+    try:
+        penalty.backward()
+        out["lowrank"] = "no error"
+    except RuntimeError as exc:
+        out["lowrank"] = str(exc)
+    out["detached"] = float(lowrank.vTMv(w.detach()))
+    dist.barrier()
+    return out
+
+
+def test_a_gradient_through_a_sum_over_ranks_is_refused():
+    got = run_ranks(_rank_penalty, 2, timeout=120)
+    for res in got:
+        M, wv = res["dense"], None
+        assert "autograd cannot follow" in res["lowrank"] and "gather()" in res["lowrank"], res["lowrank"]
+        model, _, _ = make("linear", n=7, seed=0)
+        wv = PVector.from_model(model).to_torch().detach()
+        assert rel(res["dense_grad"], 2 * M @ wv) < RTOL
+        for key in ("detached", "value"):
+            assert abs(res[key] - float(wv @ M @ wv)) <= 1e-8 * abs(float(wv @ M @ wv))

@@ -31,7 +31,30 @@ def group_sum(t: Tensor, group=None) -> Tensor:
     g = held_group(group)
     if g is None:
         return t
+    if t.requires_grad and torch.is_grad_enabled():
+        # a detached sum would give a loss built on it a gradient of zero from it, silently
+        # (e.g. an EWC penalty on a row-sharded matrix): its backward says so instead
+        return _SumOverRanks.apply(t, g)
     return all_reduce_tensor(t, g)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum over a group's ranks, whose backward raises: autograd cannot follow an
+    all_reduce (each rank would need the others' gradients)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        from ..dist.reduce import all_reduce_tensor
+
+        return all_reduce_tensor(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise RuntimeError(
+            "a gradient was asked through a sum over the ranks of a process group, which "
+            "autograd cannot follow: use a representation every rank holds whole "
+            "(PMatDense, PMatDiag, PMatKFAC, ...) or obj.gather() for it"
+        )
 
 
 def resolved_group(group=None):
