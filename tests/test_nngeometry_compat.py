@@ -449,3 +449,101 @@ def test_monte_carlo_variants_refuse_wrong_outputs():
         FIM_MonteCarlo(model, loader, O.PMatDiag, variant="classif_logsoftmax")
     with pytest.raises(ValueError, match=r"variant segmentation_logits needs logits of shape \(batch, C, H, W\)"):
         FIM_MonteCarlo(model, loader, O.PMatDiag, variant="segmentation_logits")
+
+
+# ------------------------------------------------------------------------------------------
+# nngeometry 0.4 call forms: impl= keywords, solvePVec, KFAC.to_torch(split_weight_bias)
+
+from nngeometry.object import PMatKFAC as NGKFAC  # noqa: E402
+from nngeometry.object import PMatLowRank as NGLowRank  # noqa: E402
+
+
+def _ng_vector_pair(F, ng_F, seed=3):
+    """The same random vector as ours and as nngeometry's PVector."""
+    x = torch.randn(F.size(0), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (O.PVector(F.layer_collection, vector_repr=x.clone()),
+            NGPVector(ng_F.generator.layer_collection, vector_repr=x.clone()))
+
+
+@pm("impl", ["eigh", "svd"])
+@pm("name", ["linear", "conv2d"])
+def test_dense_eigendecomposition_impl_as_nngeometry(impl, name):
+    ours, theirs, loader = fresh(name)
+    F, ng_F = FIM(ours, loader, O.PMatDense), NGFIM(theirs, loader, NGDense)
+    evals, evecs = F.compute_eigendecomposition(impl=impl)
+    assert bool((evals[1:] >= evals[:-1]).all())  # ours: ascending whatever impl
+    ng_F.compute_eigendecomposition(impl=impl)
+    ng_evals, ng_evecs = ng_F.get_eigendecomposition()
+    assert rel(evals, torch.sort(ng_evals).values) <= RTOL
+    assert rel(evecs @ torch.diag(evals) @ evecs.t(),
+               ng_evecs @ torch.diag(ng_evals) @ ng_evecs.t()) <= RTOL
+    with pytest.raises(ValueError, match="accepted: 'eigh', 'svd'"):
+        F.compute_eigendecomposition(impl="qr")
+
+
+def test_lowrank_eigendecomposition_impl_as_nngeometry():
+    ours, theirs, loader = fresh()
+    F, ng_F = FIM(ours, loader, O.PMatLowRank), NGFIM(theirs, loader, NGLowRank)
+    evals, evecs = F.compute_eigendecomposition(impl="svd")
+    ng_F.compute_eigendecomposition(impl="svd")
+    ng_evals, ng_evecs = ng_F.get_eigendecomposition()
+    keep = ng_evals > ng_evals.max() * 1e-10  # ours drops the zero eigenvalues
+    assert rel(evals, torch.sort(ng_evals[keep]).values) <= RTOL
+    assert rel(evecs @ torch.diag(evals) @ evecs.t(),
+               ng_evecs @ torch.diag(ng_evals) @ ng_evecs.t()) <= RTOL
+    with pytest.raises(ValueError, match="accepted: 'svd'"):
+        F.compute_eigendecomposition(impl="eigh")
+
+
+@pm("impl", ["default", "solve", "eigendecomposition"])
+@pm("name", ["linear", "conv2d"])
+def test_dense_solve_impl_as_nngeometry(impl, name):
+    ours, theirs, loader = fresh(name)
+    F, ng_F = FIM(ours, loader, O.PMatDense), NGFIM(theirs, loader, NGDense)
+    v, ng_v = _ng_vector_pair(F, ng_F)
+    if impl == "eigendecomposition":
+        ng_F.compute_eigendecomposition()
+    want = ng_F.solve(ng_v, regul=1e-3, impl=impl).to_torch()
+    assert rel(F.solve(v, regul=1e-3, impl=impl).to_torch(), want) <= RTOL
+    assert rel(F.solvePVec(v, regul=1e-3, impl=impl).to_torch(), want) <= RTOL
+    assert rel(F.solvePVec(v, 1e-3).to_torch(), ng_F.solvePVec(ng_v, 1e-3).to_torch()) <= RTOL
+    with pytest.raises(ValueError, match="accepted: 'default', 'solve', 'eigendecomposition'"):
+        F.solve(v, regul=1e-3, impl="cg")
+    with pytest.raises(ValueError, match="accepted: 'default', 'solve', 'eigendecomposition'"):
+        F.solvePVec(v, regul=1e-3, impl="cg")
+
+
+def test_lowrank_and_kfac_solve_impl_accepted_and_refused():
+    model, _, loader = fresh()
+    L, K = FIM(model, loader, O.PMatLowRank), FIM(model, loader, O.PMatKFAC)
+    v = O.random_pvector(L.layer_collection)
+    for F, accepted in ((L, ("default", "svd")), (K, ("default",))):
+        want = F.solve(v, regul=1e-3).to_torch()
+        for impl in accepted:  # the same (our) solve whatever accepted impl
+            assert torch.equal(F.solve(v, regul=1e-3, impl=impl).to_torch(), want)
+            assert torch.equal(F.solvePVec(v, regul=1e-3, impl=impl).to_torch(), want)
+        msg = "accepted: " + ", ".join(repr(a) for a in accepted)
+        with pytest.raises(ValueError, match=msg):
+            F.solve(v, regul=1e-3, impl="eigendecomposition")
+        with pytest.raises(ValueError, match=msg):
+            F.solvePVec(v, regul=1e-3, impl="eigendecomposition")
+    # KFAC's use_pi passes through solvePVec
+    assert torch.equal(K.solvePVec(v, regul=1e-3, use_pi=False).to_torch(),
+                       K.solve(v, regul=1e-3, use_pi=False).to_torch())
+    # representations whose solve has no impl: only "default"
+    D = FIM(model, loader, O.PMatDiag)
+    assert torch.equal(D.solvePVec(v, regul=1e-3).to_torch(), D.solve(v, regul=1e-3).to_torch())
+    with pytest.raises(ValueError, match="accepted: 'default'"):
+        D.solvePVec(v, regul=1e-3, impl="solve")
+
+
+@pm("name", ["linear", "linear_nobias", "conv2d"])
+def test_kfac_to_torch_split_weight_bias_as_nngeometry(name):
+    ours, theirs, loader = fresh(name)
+    F, ng_F = FIM(ours, loader, O.PMatKFAC), NGFIM(theirs, loader, NGKFAC)
+    assert torch.equal(F.to_torch(split_weight_bias=True), F.to_torch())
+    assert rel(F.to_torch(split_weight_bias=True), ng_F.to_torch(split_weight_bias=True)) <= RTOL
+    assert rel(F.to_torch(split_weight_bias=False), ng_F.to_torch(split_weight_bias=False)) <= RTOL
+    # the two layouts differ exactly when a layer has a bias
+    has_bias = any(l.has_bias for l in F.layer_collection.layers.values())
+    assert torch.equal(F.to_torch(split_weight_bias=False), F.to_torch()) is not has_bias

@@ -74,6 +74,19 @@ class PMatAbstract:
         """(M + regul I)^{-1} v."""
         raise self._no("solve", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
 
+    def solvePVec(self, v: PVector, regul: float = 1e-8, impl: str = "default", **kw) -> PVector:
+        """``solve(v, regul)`` for a PVector, under nngeometry 0.4's name and signature;
+        exists for nngeometry 0.4 code. ``impl`` is passed on to ``solve`` where it takes
+        one (PMatDense, PMatLowRank, PMatKFAC); elsewhere only ``impl="default"`` is
+        accepted (ValueError otherwise). Extra keywords (e.g. KFAC's ``use_pi``) go to
+        ``solve``."""
+        import inspect
+
+        if "impl" in inspect.signature(self.solve).parameters:
+            return self.solve(v, regul=regul, impl=impl, **kw)
+        self._check_impl("solvePVec", impl, ("default",))
+        return self.solve(v, regul=regul, **kw)
+
     def inverse(self, regul: float = 1e-8) -> "PMatAbstract":
         raise self._no("inverse", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
 
@@ -119,6 +132,14 @@ class PMatAbstract:
         return NotImplementedError(
             f"{type(self).__name__} has no closed form for {op}; use {instead} instead"
         )
+
+    def _check_impl(self, op: str, impl, accepted) -> None:
+        """ValueError unless ``impl`` is one of the nngeometry 0.4 values ``accepted``."""
+        if impl not in accepted:
+            raise ValueError(
+                f"{type(self).__name__}.{op}: impl={impl!r} is not supported; accepted: "
+                + ", ".join(repr(a) for a in accepted)
+            )
 
     def _check_vector(self, v: PVector) -> None:
         if not isinstance(v, PVector):

@@ -44,7 +44,11 @@ class PMatDense(PMatAbstract):
     def to_torch(self):
         return self.data
 
-    def solve(self, v, regul: float = 1e-8):
+    def solve(self, v, regul: float = 1e-8, impl: str = "solve"):
+        """(M + regul I)^{-1} v, exactly (Cholesky). ``impl`` exists for nngeometry 0.4
+        code: "solve", "eigendecomposition" (and "default") are accepted and all give
+        this same exact solve; any other value raises ValueError."""
+        self._check_impl("solve", impl, ("default", "solve", "eigendecomposition"))
         self._check_vector(v)
         self._check_regul(regul)
         return self._vector(regularised_solve(self.data, v.to_torch(), regul))
@@ -53,8 +57,13 @@ class PMatDense(PMatAbstract):
         self._check_regul(regul)
         return PMatDense(self.layer_collection, regularised_inverse(self.data, regul), self.generator)
 
-    def compute_eigendecomposition(self):
-        """Eigenvalues ascending (d,), eigenvectors as columns (d, d)."""
+    def compute_eigendecomposition(self, impl: str = "eigh"):
+        """Eigenvalues ascending (d,), eigenvectors as columns (d, d).
+
+        ``impl`` exists for nngeometry 0.4 code: "eigh" and "svd" are accepted and both
+        give this symmetric eigendecomposition (ascending, unlike 0.4's svd order); any
+        other value raises ValueError."""
+        self._check_impl("compute_eigendecomposition", impl, ("eigh", "svd"))
         sym = (self.data + self.data.t()) / 2
         self.evals, self.evecs = torch.linalg.eigh(sym)
         return self.evals, self.evecs

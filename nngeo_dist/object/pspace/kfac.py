@@ -196,14 +196,24 @@ class PMatKFAC(PMatAbstract):
             out.append(from_mat(l, torch.outer(torch.diagonal(g), da)))
         return torch.cat(out)
 
-    def to_torch(self):
+    def to_torch(self, split_weight_bias: bool = True):
+        """The d x d matrix (block diagonal over layers) in the flat parameter order.
+
+        ``split_weight_bias`` exists for nngeometry 0.4 code. True (0.4's default) is the
+        flat order: each layer's weight, then its bias. False lays each layer that has a
+        bias out as 0.4 does: the (o, i') coefficient matrix row-major, the bias as the
+        last entry of each output row, i.e. the block is kron(G, A) unpermuted; a layer
+        without a bias is the same under both."""
         d = self.layer_collection.numel()
         first = next(iter(self.data.values()))[1]
         M = torch.zeros(d, d, dtype=first.dtype, device=first.device)
         for n, l, (a, g) in self._layers():
             full_a = torch.diag(a) if a.dim() == 1 else a
-            perm = flat_perm(l, g.device)
             s = self.layer_collection.p_pos[n]
+            if not split_weight_bias and l.has_bias:
+                M[s:s + l.numel(), s:s + l.numel()] = torch.kron(g, full_a)
+                continue
+            perm = flat_perm(l, g.device)
             M[s:s + l.numel(), s:s + l.numel()] = torch.kron(g, full_a)[perm][:, perm]
         return M
 
@@ -223,10 +233,14 @@ class PMatKFAC(PMatAbstract):
                 "singular; pass a positive regul"
             )
 
-    def solve(self, v, regul: float = 1e-8, use_pi: bool = True):
+    def solve(self, v, regul: float = 1e-8, use_pi: bool = True, impl: str = "default"):
         """(F + regul I)^{-1} v: with ``use_pi``, the damping is split across the factors,
         (A + pi sqrt(regul) I) (x) (G + sqrt(regul)/pi I) (Martens & Grosse 2015); without,
-        (A (x) G + regul I)^{-1} exactly, through the factors' eigendecompositions."""
+        (A (x) G + regul I)^{-1} exactly, through the factors' eigendecompositions.
+
+        ``impl`` exists for nngeometry 0.4 code: only "default" (0.4's one value) is
+        accepted; any other value raises ValueError."""
+        self._check_impl("solve", impl, ("default",))
         self._check_vector(v)
         self._check_regul(regul, singular_ok=True)
         evals, evecs = self.get_eigendecomposition()

@@ -155,13 +155,17 @@ class PMatLowRank(PMatAbstract):
                 acc = acc + 2 * (J @ Js.t()).pow(2).sum()
         return self._sum(acc).sqrt() / self.n
 
-    def compute_eigendecomposition(self):
+    def compute_eigendecomposition(self, impl: str = "svd"):
         """Nonzero spectrum: eigenvalues ascending (r,), eigenvectors (d, r), r <= c n
         (eigenvalues below max * max(c n, d) * eps are dropped as zero).
+
+        ``impl`` exists for nngeometry 0.4 code: only "svd" (0.4's one value) is
+        accepted; any other value raises ValueError.
 
         In a group: each rank reduces its rows to min(c n_r, d) rows with the same Gram
         (their R factor when c n_r > d), rank 0 gathers them and decomposes by SVD, and
         broadcasts the result, so every rank holds the same bits."""
+        self._check_impl("compute_eigendecomposition", impl, ("svd",))
         J = self._rows()
         d = J.shape[1]
         m = sum(self._row_counts())
@@ -192,8 +196,12 @@ class PMatLowRank(PMatAbstract):
             self.compute_eigendecomposition()
         return self.evals, self.evecs
 
-    def solve(self, v, regul: float = 1e-8):
-        """(J^T J / n + regul I)^{-1} v through the eigendecomposition (exact)."""
+    def solve(self, v, regul: float = 1e-8, impl: str = "svd"):
+        """(J^T J / n + regul I)^{-1} v through the eigendecomposition (exact).
+
+        ``impl`` exists for nngeometry 0.4 code: "svd" and "default" (0.4's values) are
+        accepted and give this exact solve; any other value raises ValueError."""
+        self._check_impl("solve", impl, ("default", "svd"))
         self._check_vector(v)
         self._check_regul(regul)
         evals, evecs = self.get_eigendecomposition()
