@@ -7,7 +7,7 @@ the global example count and does whatever needs the whole (eigendecompositions)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -49,11 +49,7 @@ class PMatAbstract:
     @classmethod
     def build(cls, generator, loader, group=None, **kw) -> "PMatAbstract":
         """statistics over the local shard -> reduce over ``group`` -> finalise."""
-        from ...dist.errors import collective_errors
-
-        with collective_errors(group):  # a rank that raises is named on every rank
-            stats = cls.statistics(generator, loader)
-        stats = stats.reduce(group)
+        stats = reduced_statistics(lambda: cls.statistics(generator, loader), group)
         return cls.from_statistics(generator.layer_collection, stats, generator=generator, **kw)
 
     # the interface ----------------------------------------------------------------------
@@ -168,6 +164,16 @@ class PMatAbstract:
             )
         if other.layer_collection != self.layer_collection:
             raise ValueError("the two matrices live on different LayerCollections")
+
+
+def reduced_statistics(local: Callable[[], Statistics], group=None) -> Statistics:
+    """``local()`` (a pass over this rank's shard) summed over ``group``: a rank whose
+    pass raises is named on every rank, before the reduction it would leave waiting."""
+    from ...dist.errors import collective_errors
+
+    with collective_errors(group):
+        stats = local()
+    return stats.reduce(group)
 
 
 _EIG_INSTEAD = "PMatDense, PMatLowRank, PMatDiag, PMatBlockDiag or torch.linalg.eigh(M.to_torch())"

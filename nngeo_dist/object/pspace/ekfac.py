@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 
 from ...generator.kfac import kfac_spec, kfe_diag_spec, kfe_diag_statistics
-from .base import PMatAbstract
+from .base import PMatAbstract, reduced_statistics
 from .kfac import PMatKFAC, flat_perm, from_kfe, from_mat, singular, to_kfe, to_mat
 
 
@@ -87,11 +87,7 @@ class PMatEKFAC(PMatAbstract):
     def update_diag(self, loader, group=None) -> None:
         """Re-fit the diagonal from ``loader`` (each rank passes its shard) with the model's
         current parameters: statistics -> reduce over ``group`` -> mean."""
-        from ...dist.errors import collective_errors
-
-        with collective_errors(group):  # a rank that raises is named on every rank
-            stats = self.diag_statistics(loader)
-        self.set_diag_from_statistics(stats.reduce(group))
+        self.set_diag_from_statistics(reduced_statistics(lambda: self.diag_statistics(loader), group))
 
     # per-layer plumbing ----------------------------------------------------------------------
     def _map_vector(self, v, fn):

@@ -22,12 +22,11 @@ from typing import Optional
 
 import torch
 
-from ...dist.errors import collective_errors
 from ...generator.kfac import StatSpec, merge_specs, run_spec, split_statistics
 from ...generator.layers import LAYER_TYPES
 from ...generator.statistics import Statistics
 from ..vector import PVector
-from .base import PMatAbstract
+from .base import PMatAbstract, reduced_statistics
 
 
 def _spec_for(cls, generator, layer_collection) -> Optional[StatSpec]:
@@ -167,9 +166,7 @@ class PMatMixed(PMatAbstract):
         )
         stats = None
         if specs:
-            with collective_errors(group):  # a rank that raises is named on every rank
-                stats = run_spec(generator, loader, merge_specs(specs), "mixed")
-            stats = stats.reduce(group)
+            stats = reduced_statistics(lambda: run_spec(generator, loader, merge_specs(specs), "mixed"), group)
         parts = []
         for i, (pcls, sub) in enumerate(parts_of):
             prefix = _prefix(i, pcls)
@@ -192,9 +189,8 @@ class PMatMixed(PMatAbstract):
             raise ValueError("no part of this mixed matrix has a diagonal to update (no PMatEKFAC part)")
         if self.generator is None:
             raise ValueError("this PMatMixed has no generator: build it with FIM(...)")
-        with collective_errors(group):
-            stats = run_spec(self.generator, loader, merge_specs(specs), "ekfac diagonal")
-        stats = stats.reduce(group)
+        stats = reduced_statistics(
+            lambda: run_spec(self.generator, loader, merge_specs(specs), "ekfac diagonal"), group)
         for i, p in enumerate(self.parts):
             if f"{i}/" in specs:
                 p.set_diag_from_statistics(split_statistics(stats, f"{i}/"))
