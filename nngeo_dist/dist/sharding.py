@@ -172,16 +172,13 @@ def _agreed_length(n: int, error: Optional[BaseException], group) -> int:
     an error naming each rank's length."""
     # groupops is imported here, not at the top: nngeo_dist.object builds on nngeo_dist.dist
     from ..object.groupops import agree_ints
-    from .agree import ranks_by_value
     from .errors import on_every_rank
+    from .fingerprint import _listing
 
     lengths = [row[0] for row in agree_ints([n], error, group)]
     if len(set(lengths)) == 1:
         return lengths[0]
-    listing = "; ".join(
-        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {lengths[ranks[0]]} examples"
-        for ranks in ranks_by_value(lengths)
-    )
+    listing = _listing([f"{length} examples" for length in lengths])
     raise on_every_rank(ValueError(
         f"the dataset has a different length on each rank ({listing}): every rank must see "
         "the same dataset to shard it exactly; check that each node reads the same, "
