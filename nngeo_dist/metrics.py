@@ -13,23 +13,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .generator import Generator, default_function, is_empty_batch, no_example_error
+from .generator import Generator, as_batches, default_function, is_empty_batch, no_example_error
 from .generator.variants import fim_root, monte_carlo_root
 from .object import FMatDense, PushForwardDense
 
 
 def _generator(model, function, layer_collection, n_output, **kw) -> Generator:
     return Generator(model, function, layer_collection=layer_collection, n_output=n_output, **kw)
-
-
-def _as_loader(loader):
-    """nngeometry's ``examples``: a tuple of tensors sharing their first dimension, such as
-    ``(x, y)``, is ONE batch of those fields (not two batches of one tensor each); a list
-    stays a list of batches, anything else is iterated as it is."""
-    if (isinstance(loader, tuple) and loader and all(isinstance(t, torch.Tensor) and t.dim() for t in loader)
-            and len({t.shape[0] for t in loader}) == 1):
-        return [loader]
-    return loader
 
 
 def _check_call(model, n_output, kw: dict) -> None:
@@ -122,7 +112,7 @@ def FIM(
     is a PMat class or a mapping layer type/name -> class (mixed). ``group``: a process
     group (default: the world group when initialised); each rank passes its own shard.
     """
-    loader = _as_loader(loader)
+    loader = as_batches(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
     _check_call(model, n_output, kw)
@@ -164,7 +154,7 @@ def FIM_MonteCarlo(
     """Monte-Carlo FIM: ``trials`` draws y ~ p(y|x) per example (classif_logits,
     regression). With ``seed``, draws are reproducible; each rank of a group draws from its
     own stream derived from the seed and its rank."""
-    loader = _as_loader(loader)
+    loader = as_batches(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
     _check_call(model, n_output, kw)
@@ -200,7 +190,7 @@ def GramMatrix(
     ``outputs=``: a list of output indices, or ``("diff", c1, c2)`` for f_c2 - f_c1.
     ``store=path`` (with ``tile=B``): computed tile by tile into a zarr store, returned as
     a store-backed FMatStored (see nngeo_dist.object.stored)."""
-    loader = _as_loader(loader)
+    loader = as_batches(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
     _check_call(model, n_output, kw)
@@ -229,7 +219,7 @@ def Jacobian(
 ):
     """The Jacobian J (c, n, d) as a push-forward (PushForwardDense by default); with
     ``store=path`` written in chunks (c, B, D0) to a zarr store (PushForwardStored)."""
-    loader = _as_loader(loader)
+    loader = as_batches(loader)
     _check_loader(loader, group)
     _check_model(model, group, check_parameters)
     _check_call(model, n_output, kw)

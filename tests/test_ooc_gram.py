@@ -336,3 +336,14 @@ def test_list_of_bad_batches_refused(tmp_path, batches, names):
     with pytest.raises((TypeError, ValueError), match=names):
         GramMatrix(H.make_model(), batches, store=str(tmp_path / "g.zarr"), tile=5, progress=False)
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_a_tuple_of_tensors_is_one_batch_for_a_data_source():
+    """DataSource reads (x, y) as the helpers do (nngeometry's examples): one batch."""
+    from nngeo_dist.store.job import DataSource
+
+    x, y = H.make_data().tensors
+    source = DataSource((x, y))
+    assert source.n == H.N and source.batch_size == H.N
+    got = source.examples([0, 5])
+    assert torch.equal(got[0], x[[0, 5]]) and torch.equal(got[1], y[[0, 5]])

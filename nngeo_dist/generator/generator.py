@@ -43,6 +43,16 @@ def is_empty_batch(batch) -> bool:
     return batch_examples(batch) == 0
 
 
+def as_batches(loader):
+    """nngeometry's ``examples``: a tuple of tensors sharing their first dimension, such as
+    ``(x, y)``, is ONE batch of those fields (not two batches of one tensor each); a list
+    stays a list of batches, anything else is iterated as it is."""
+    if (isinstance(loader, tuple) and loader and all(isinstance(t, Tensor) and t.dim() for t in loader)
+            and len({t.shape[0] for t in loader}) == 1):
+        return [loader]
+    return loader
+
+
 def default_function(model: nn.Module) -> Callable:
     def function(*batch):
         return model(batch[0])

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from ..generator import as_batches
 from .layout import StoreSpec, _store_name, create_or_validate
 from .tiles import TileWriter, verify
 
@@ -205,7 +206,7 @@ class DataSource:
     def __init__(self, loader_or_dataset: Any, batch_size: Optional[int] = None):
         settings: dict[str, Any] = {}
         if isinstance(loader_or_dataset, (list, tuple)):
-            loader_or_dataset, largest = batches_dataset(loader_or_dataset)
+            loader_or_dataset, largest = batches_dataset(as_batches(loader_or_dataset))
             batch_size = batch_size or largest
         if isinstance(loader_or_dataset, DataLoader):
             if loader_or_dataset.batch_sampler is None:
