@@ -8,12 +8,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .generator.layers import LAYER_TYPES, layer_math_for
+from .generator.layers import LAYER_TYPES, UnsupportedLayerError, layer_math_for
+
+
+@dataclass(frozen=True)
+class ParameterShape:
+    """The shape of one parameter of a layer, as nngeometry 0.4's ``Parameter``:
+    ``size`` the shape tuple, ``numel()`` its number of coefficients."""
+
+    size: tuple
+
+    def numel(self) -> int:
+        return _prod(self.size)
 
 
 @dataclass(frozen=True)
@@ -21,12 +32,22 @@ class Layer:
     """A parametrised module as the library sees it: its kind and parameter shapes.
 
     ``kind``: the layer type name (e.g. ``"Linear"``); ``weight_shape`` and ``bias_shape``
-    (None when the module has no bias) give the shapes of the parameters.
+    (None when the module has no bias) give the shapes of the parameters. ``weight`` and
+    ``bias`` (None without a bias) give them as nngeometry 0.4's layers do
+    (``layer.weight.size``, ``layer.bias.numel()``).
     """
 
     kind: str
     weight_shape: tuple
     bias_shape: Optional[tuple]
+
+    @property
+    def weight(self) -> ParameterShape:
+        return ParameterShape(tuple(self.weight_shape))
+
+    @property
+    def bias(self) -> Optional[ParameterShape]:
+        return None if self.bias_shape is None else ParameterShape(tuple(self.bias_shape))
 
     @property
     def weight_numel(self) -> int:
@@ -56,10 +77,6 @@ def _prod(shape) -> int:
     return out
 
 
-class UnsupportedLayerError(TypeError):
-    pass
-
-
 class LayerCollection:
     """An ordered set of layers, keyed by their module name in the model.
 
@@ -79,7 +96,8 @@ class LayerCollection:
     def from_model(model: nn.Module, ignore_unsupported_layers: bool = False) -> "LayerCollection":
         """Every parametrised module of ``model`` that the library supports.
 
-        A module holding parameters of its own that is not supported raises
+        A module holding parameters of its own that is not supported (its type, or its
+        configuration: a grouped convolution, an Embedding with max_norm) raises
         :class:`UnsupportedLayerError` naming it, unless ``ignore_unsupported_layers``.
         A module whose parameters all belong to an earlier layer (tied weights) is not
         added again: each parameter appears once in the flat vector. Per-layer
@@ -106,6 +124,11 @@ class LayerCollection:
                     "ignore_unsupported_layers=True to leave its parameters out, or build "
                     "a LayerCollection of the layers you need"
                 )
+            if ignore_unsupported_layers:
+                try:
+                    layer_math_for(kind).check_module(mod, name)
+                except UnsupportedLayerError:
+                    continue
             for p in own:
                 if id(p) in seen:
                     raise ValueError(
@@ -192,18 +215,36 @@ class LayerCollection:
         m_to_l = {m: n for n, m in l_to_m.items()}
         return l_to_m, m_to_l
 
-    def parameters(self, model: nn.Module) -> list[torch.Tensor]:
-        """The model's parameters in flat order (weight then bias of each layer)."""
+    def parameters(self, model: "nn.Module | Mapping[str, nn.Module]") -> list[torch.Tensor]:
+        """The model's parameters in flat order (weight then bias of each layer).
+        ``model``: the model, or (nngeometry 0.4's form) the map layer name -> module of
+        :meth:`get_layerid_module_maps`."""
         return [p for _, p in self.named_parameters(model)]
 
-    def named_parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        l_to_m, _ = self.get_layerid_module_maps(model)
+    def named_parameters(self, model: "nn.Module | Mapping[str, nn.Module]") -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) in flat order; ``model`` as in :meth:`parameters`."""
+        l_to_m = model if isinstance(model, Mapping) else self.get_layerid_module_maps(model)[0]
         out = []
         for name, layer in self.layers.items():
             mod = l_to_m[name]
             out.append((f"{name}.weight" if name else "weight", mod.weight))
             if layer.has_bias:
                 out.append((f"{name}.bias" if name else "bias", mod.bias))
+        return out
+
+    def split_last_dim(self, x: torch.Tensor) -> "OrderedDict[str, tuple]":
+        """Per-layer views of ``x`` (..., d), d in flat order: layer name -> (weight,) or
+        (weight, bias), each (..., *its parameter's shape)."""
+        lead = tuple(x.shape[:-1])
+        out = OrderedDict()
+        for name, layer in self.layers.items():
+            start = self.p_pos[name]
+            w = x[..., start:start + layer.weight_numel].view(*lead, *layer.weight_shape)
+            if layer.has_bias:
+                b = x[..., start + layer.weight_numel:start + layer.numel()].view(*lead, *layer.bias_shape)
+                out[name] = (w, b)
+            else:
+                out[name] = (w,)
         return out
 
     def shapes(self) -> list[tuple]:

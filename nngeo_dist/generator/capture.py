@@ -12,7 +12,6 @@ gradients as they come, without a stacked copy.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -20,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import input_memo
+from .layers import _clock, check_examples_independent, input_memo
 
 log = logging.getLogger("nngeo_dist.generator")
 
@@ -94,6 +93,14 @@ class LayerRecorder:
                     "use PMatImplicit, or a LayerCollection without this module"
                 )
             self.maths[name].check_capture(mod, name)
+            if not out.requires_grad:
+                # frozen parameters (requires_grad=False, e.g. Embedding.from_pretrained)
+                # on an input needing no gradient: the output is outside autograd's graph;
+                # a leaf in its place (returned as a copy, which may be modified in place)
+                # receives the gradients
+                self.inputs[name] = inp[0].detach()
+                self.outputs[name] = out.detach().requires_grad_()
+                return self.outputs[name].clone()
             if self.clone_outputs:
                 self.inputs[name] = inp[0].detach().clone()
                 self.outputs[name] = out
@@ -182,9 +189,12 @@ class Capturer:
 
     def check_modules(self) -> None:
         """Refuse module states in which per-example gradients are undefined, before any
-        forward pass (a training-mode BatchNorm would update its running statistics)."""
+        forward pass (a training-mode BatchNorm would update its running statistics),
+        those of the collection's layers and any module of the model that mixes the
+        examples of a batch (a BatchNorm without parameters or left out of the collection)."""
         for name, mod in self.l_to_m.items():
             self.maths[name].check_capture(mod, name)
+        check_examples_independent(self.model)
 
     def forward(self, batch: Sequence) -> tuple[Tensor, LayerRecorder]:
         rec = LayerRecorder(self.l_to_m, self.maths)
@@ -283,12 +293,12 @@ class Capturer:
             self._batched = _BACKWARD_CHOICE[self.model] = False
             return False, _grads_looped(out, tensors, ks)
         t_vec, t_loop = float("inf"), float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
+        for _ in range(2):  # _clock waits for a GPU's queued kernels: else only launches are timed
+            t0 = _clock(out.device)
             grads = _grads_batched(out, tensors, ks)
-            t1 = time.perf_counter()
+            t1 = _clock(out.device)
             looped = list(_grads_looped(out, tensors, ks))
-            t2 = time.perf_counter()
+            t2 = _clock(out.device)
             t_vec, t_loop = min(t_vec, t1 - t0), min(t_loop, t2 - t1)
         self._batched = t_loop >= LOOP_MARGIN * t_vec
         _BACKWARD_CHOICE[self.model] = self._batched

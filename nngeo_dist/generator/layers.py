@@ -155,6 +155,20 @@ def _time_routes(key: tuple, routes: dict, device: torch.device) -> str:
     return name
 
 
+class UnsupportedLayerError(TypeError):
+    """A module of a type, or in a configuration, that the per-layer kernels do not cover:
+    ``LayerCollection.from_model(model, ignore_unsupported_layers=True)`` leaves it out
+    (its parameters are then not in the collection; the other layers' numbers are exact)."""
+
+
+def _unsupported(name: str, mod, what: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"module '{name}' ({type(mod).__name__}) {what}; pass "
+        "ignore_unsupported_layers=True to LayerCollection.from_model to leave its "
+        "parameters out, or build a LayerCollection without it"
+    )
+
+
 class KFACUnsupportedError(TypeError, NotImplementedError):
     """A layer whose Fisher block KFAC cannot factor (BatchNorm, LayerNorm, ...)."""
 
@@ -655,22 +669,18 @@ class ConvMath(AffineMath):
 
     def check_module(self, mod, name):
         if mod.groups != 1:
-            raise TypeError(
-                f"module '{name}' ({type(mod).__name__}) has groups={mod.groups}; only "
-                "groups=1 convolutions are supported: pass ignore_unsupported_layers=True "
-                "to leave it out"
-            )
-        if mod.padding_mode != "zeros":
-            raise TypeError(
-                f"module '{name}' uses padding_mode='{mod.padding_mode}'; only 'zeros' "
-                "is supported"
-            )
+            raise _unsupported(name, mod, f"has groups={mod.groups}; only groups=1 convolutions are supported")
 
     @per_input
     def padded(self, mod, a: Tensor) -> Tensor:
-        """The input with the module's zero padding applied (``'same'`` resolved)."""
+        """The input with the module's padding applied (``'same'`` resolved; zeros, or the
+        module's ``padding_mode``, as its forward pads before an unpadded convolution)."""
         pads = _conv_padding(mod, self.dims)
-        return F.pad(a, pad_list(pads)) if any(map(any, pads)) else a
+        if not any(map(any, pads)):
+            return a
+        if mod.padding_mode == "zeros":
+            return F.pad(a, pad_list(pads))
+        return F.pad(a, pad_list(pads), mode=mod.padding_mode)
 
     def weight_grads_by_conv(self, mod, a: Tensor, gk: Tensor) -> Tensor:
         """(N, o, i) per-example weight gradients of one output function, gradients
@@ -757,6 +767,9 @@ class ConvMath(AffineMath):
                         "lags": lambda: self._kfac_A_by_lags(mod, a)}, a.device)
 
     def _kfac_A_by_lags(self, mod, a):
+        if mod.padding_mode != "zeros":  # padded values are not zeros: lags of the padded input
+            return patch_products(self.padded(mod, a), mod.kernel_size, mod.dilation,
+                                  [(0, 0)] * self.dims, self.has_bias(mod))
         return patch_products(a, mod.kernel_size, mod.dilation, _conv_padding(mod, self.dims), self.has_bias(mod))
 
     def _out_size(self, mod, x: Tensor) -> list:
@@ -843,16 +856,16 @@ class EmbeddingMath(AffineMath):
 
     def check_module(self, mod, name):
         if mod.max_norm is not None:
-            raise TypeError(
-                f"module '{name}' (Embedding) has max_norm set: it rewrites its weight "
-                "during the forward pass, so gradients are not those of the stored weight"
+            raise _unsupported(
+                name, mod, "has max_norm set: it rewrites its weight during the forward "
+                "pass, so gradients are not those of the stored weight"
             )
         if mod.scale_grad_by_freq:
-            raise TypeError(
-                f"module '{name}' (Embedding) has scale_grad_by_freq=True: torch divides its "
-                "gradient by each index's count in the whole batch, so an example's gradient "
-                "depends on the other examples of its batch and no per-example quantity is "
-                "defined; build the Fisher on a copy with scale_grad_by_freq=False"
+            raise _unsupported(
+                name, mod, "has scale_grad_by_freq=True: torch divides its gradient by each "
+                "index's count in the whole batch, so an example's gradient depends on the "
+                "other examples of its batch and no per-example quantity is defined (build "
+                "the Fisher on a copy with scale_grad_by_freq=False)"
             )
 
     def has_bias(self, mod):
@@ -1014,18 +1027,32 @@ class ElementwiseAffineMath(LayerMath):
         return torch.cat([w, self._sum_to_param(mod, g)], dim=-1)
 
 
+class BatchStatisticsError(RuntimeError, TypeError):
+    """A module normalises with batch statistics: an example's output depends on the
+    other examples of its batch, so no per-example quantity is defined (for any layer of
+    the model, whether or not the module holds parameters or is in the collection)."""
+
+
 @register("BatchNorm1d", "BatchNorm2d")
 class BatchNormMath(ElementwiseAffineMath):
     def check_module(self, mod, name):
-        if not mod.track_running_stats:
-            raise TypeError(
+        self.check_batch_statistics(mod, name, check_training=False)
+
+    def check_capture(self, mod, name):
+        self.check_batch_statistics(mod, name)
+
+    @staticmethod
+    def check_batch_statistics(mod, name, check_training: bool = True) -> None:
+        """Raise :class:`BatchStatisticsError` if the (any) batch-norm module ``mod``
+        normalises with batch statistics: it has none of its own (track_running_stats=
+        False), or, with ``check_training``, it is in training mode."""
+        if mod.running_mean is None and mod.running_var is None:
+            raise BatchStatisticsError(
                 f"module '{name}' ({type(mod).__name__}) has track_running_stats=False: it "
                 "always normalises with batch statistics, so per-example gradients are undefined"
             )
-
-    def check_capture(self, mod, name):
-        if mod.training:
-            raise RuntimeError(
+        if check_training and mod.training:
+            raise BatchStatisticsError(
                 f"module '{name}' ({type(mod).__name__}) is in training mode: it normalises "
                 "with batch statistics, so per-example gradients are undefined; call "
                 "model.eval() first"
@@ -1036,6 +1063,16 @@ class BatchNormMath(ElementwiseAffineMath):
         mean = mod.running_mean.view(shape)
         std = torch.sqrt(mod.running_var.view(shape) + mod.eps)
         return (a - mean) / std
+
+
+def check_examples_independent(model) -> None:
+    """Refuse a model in which some module normalises with batch statistics (see
+    :meth:`BatchNormMath.check_batch_statistics`), every batch-norm module checked: one
+    without parameters (affine=False), of a type without kernels (BatchNorm3d) or left
+    out of the collection mixes the examples of a batch all the same."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            BatchNormMath.check_batch_statistics(mod, name)
 
 
 @register("GroupNorm")
@@ -1060,4 +1097,5 @@ class RMSNormMath(ElementwiseAffineMath):
         return F.rms_norm(a, mod.normalized_shape, None, mod.eps)
 
 
-__all__ = ["LAYER_TYPES", "layer_math_for", "LayerMath", "AffineMath", "ElementwiseAffineMath", "KFACUnsupportedError"]
+__all__ = ["LAYER_TYPES", "layer_math_for", "LayerMath", "AffineMath", "ElementwiseAffineMath", "KFACUnsupportedError",
+           "UnsupportedLayerError", "BatchStatisticsError", "check_examples_independent"]
