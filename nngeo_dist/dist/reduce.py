@@ -287,20 +287,22 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
 def broadcast_tensor(t: Optional[Tensor], src: int = 0, group=None) -> Tensor:
     """Rank ``src``'s tensor ``t`` on every rank (other ranks may pass ``None``).
 
-    For results computed on one rank (e.g. an eigendecomposition) and shared: the shape and
-    dtype travel as a small object, the values through one broadcast. Returned on ``t``'s
-    device on ``src`` and on :func:`nngeo_dist.dist.group.device_for_rank` elsewhere.
+    For results computed on one rank (e.g. an eigendecomposition) and shared: the shape,
+    dtype and device type travel as a small object, the values through one broadcast.
+    Returned on ``t``'s device on ``src``; elsewhere on a device of the same type: the cpu
+    for a cpu tensor (whatever the backend: a cpu model under NCCL stays on the cpu), this
+    rank's :func:`nngeo_dist.dist.group.device_for_rank` for a cuda one.
     """
+    from .exchange import broadcast_from
+
     group = resolve_group(group)
     if world_size(group) == 1:
         return t
     is_src = rank(group) == src
-    meta = broadcast_object((tuple(t.shape), t.dtype) if is_src else None, src, group)
-    device = collective_device(group)
-    buffer = t.detach().to(device).contiguous() if is_src else torch.empty(
-        meta[0], dtype=meta[1], device=device)
-    dist.broadcast(buffer, src=global_rank(group, src), group=group)
-    return buffer.to(t.device if is_src else device_for_rank())
+    shape, dtype, kind = broadcast_object(
+        (tuple(t.shape), t.dtype, t.device.type) if is_src else None, src, group)
+    device = None if is_src else (device_for_rank() if kind == "cuda" else torch.device(kind))
+    return broadcast_from(t, src, group, shape=shape, dtype=dtype, device=device)
 
 
 def all_gather_tensors_varlen(t: Tensor, group=None) -> Tensor:

@@ -12,8 +12,11 @@ a zarr store (DESIGN.md §4) and operated on out of core, through dask.
 
 Every operation streams the store chunk by chunk (whatever dask scheduler is active), and
 runs locally on the process that calls it (every rank holds the same store: no
-collective). ``build`` computes the store (under a process group, or on dask workers with
-``engine='dask'``) and returns the object; the constructor opens an existing store.
+collective). Results are tensors of the store's dtype, on the device of the vector an
+operation answers (``mv(v)``: ``v``'s), else on the model's device when the object was
+built from a model, else on the cpu, like the in-memory objects' results. ``build``
+computes the store (under a process group, or on dask workers with ``engine='dask'``)
+and returns the object; the constructor opens an existing store.
 
     K = GramMatrix(model, loader, store="gram.zarr", tile=1024)   # FMatStored
     K = FMatStored("gram.zarr")                                   # reopen it later
@@ -35,12 +38,17 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
+def _flat(x: Any) -> Any:
+    """An FVector's or PVector's flat tensor; anything else as it is."""
     if isinstance(x, (FVector, PVector)):
-        x = x.get_flat_representation()
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+        return x.get_flat_representation()
+    return x
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    from ..store.tiles import as_numpy
+
+    return as_numpy(_flat(x))
 
 
 def _build_kw(kw: dict) -> dict:
@@ -78,6 +86,19 @@ class _Stored:
     def dtype(self) -> torch.dtype:
         return _torch_dtype(self.spec.dtype)
 
+    def _device(self, like: Any = None) -> torch.device:
+        """Where results go, as for the in-memory objects: the device of the tensor an
+        operation answers (``like``: ``v`` of ``mv(v)``), else the model's when the object
+        was built from one, else the cpu."""
+        if isinstance(like, Tensor):
+            return like.device
+        generator = getattr(self, "generator", None)
+        return generator.device if generator is not None else torch.device("cpu")
+
+    def _out(self, x: Any, like: Any = None) -> Tensor:
+        """A result computed out of core (numpy), in the store's dtype on :meth:`_device`."""
+        return torch.as_tensor(np.asarray(x)).to(device=self._device(like), dtype=self.dtype)
+
     def to_dask(self):
         """The stored array as a lazy dask array with the store's chunks."""
         if self._dask is None:
@@ -94,7 +115,7 @@ class _Stored:
 
     def to_torch(self) -> Tensor:
         """The whole array in memory (only for stores that fit)."""
-        return torch.from_numpy(np.asarray(self.to_dask().compute()))
+        return self._out(self.to_dask().compute())
 
     def verify(self):
         """Recompute every tile's checksum: a :class:`~nngeo_dist.store.VerifyReport`."""
@@ -176,21 +197,20 @@ class FMatStored(_Stored):
             raise ValueError(f"expected an FVector of shape ({self.c}, {self.n}), got {tuple(x.shape)}")
         return x.reshape(self.c, self.n)
 
-    def _out(self, x: np.ndarray) -> Tensor:
-        return torch.as_tensor(np.asarray(x)).to(self.dtype)
-
     # operations ---------------------------------------------------------------------------
     def mv(self, v: Any) -> FVector:
         """``K v`` for an FVector ``(c, n)`` (one pass over the store)."""
         from ..store import gram_mv
 
-        return FVector(self._out(gram_mv(self.to_dask(), self._vec(v).astype(np.float64))))
+        v = _flat(v)
+        return FVector(self._out(gram_mv(self.to_dask(), self._vec(v).astype(np.float64)), v))
 
     def vTMv(self, v: Any) -> Tensor:
+        v = _flat(v)
         x = self._vec(v).astype(np.float64)
         from ..store import gram_mv
 
-        return self._out(np.float64((gram_mv(self.to_dask(), x) * x).sum()))
+        return self._out(np.float64((gram_mv(self.to_dask(), x) * x).sum()), v)
 
     def trace(self) -> Tensor:
         """``sum_{a,i} K[a, i, a, i]`` (reads the diagonal tiles only)."""
@@ -300,8 +320,9 @@ class PushForwardStored(_Stored):
         """``J v``: ``(c, n)``."""
         from ..store import jac_mv
 
+        v = _flat(v)
         x = _as_numpy(v).astype(np.float64)
-        return FVector(torch.as_tensor(jac_mv(self.to_dask(), x)).to(self.dtype))
+        return FVector(self._out(jac_mv(self.to_dask(), x), v))
 
     jvp = mv
 
@@ -324,9 +345,9 @@ class PullBackStored(PushForwardStored):
     def mv(self, u: Any) -> PVector:  # type: ignore[override]
         from ..store import jac_rmv
 
+        u = _flat(u)
         x = _as_numpy(u).astype(np.float64)
-        out = torch.as_tensor(jac_rmv(self.to_dask(), x)).to(self.dtype)
-        return PVector(self.layer_collection, vector_repr=out)
+        return PVector(self.layer_collection, vector_repr=self._out(jac_rmv(self.to_dask(), x), u))
 
     def transpose(self) -> PushForwardStored:  # type: ignore[override]
         return PushForwardStored(self.layer_collection, self.store, self.generator, self.storage_options,
@@ -388,11 +409,11 @@ class PMatLowRankStored:
         if v.layer_collection != self.layer_collection:
             raise ValueError("the PVector belongs to another LayerCollection than this matrix")
 
-    def _vector(self, x: Any) -> PVector:
-        return PVector(self.layer_collection, vector_repr=torch.as_tensor(np.asarray(x)).to(self.dtype))
+    def _vector(self, x: Any, like: Any = None) -> PVector:
+        return PVector(self.layer_collection, vector_repr=self.J._out(x, like))
 
-    def _scalar(self, x: float) -> Tensor:
-        return torch.tensor(float(x), dtype=torch.float64).to(self.dtype)
+    def _scalar(self, x: float, like: Any = None) -> Tensor:
+        return self.J._out(np.float64(x), like)
 
     def size(self, dim: Optional[int] = None):
         d = self.spec.shape[2]
@@ -405,16 +426,18 @@ class PMatLowRankStored:
 
         self._check_vector(v)
         J = self.to_dask()
+        v = _flat(v)
         u = jac_mv(J, _as_numpy(v).astype(np.float64))
-        return self._vector(jac_rmv(J, u) / self.n)
+        return self._vector(jac_rmv(J, u) / self.n, v)
 
     def vTMv(self, v: PVector) -> Tensor:
         """``||J v||^2 / n`` (one pass)."""
         from ..store import jac_mv
 
         self._check_vector(v)
+        v = _flat(v)
         u = jac_mv(self.to_dask(), _as_numpy(v).astype(np.float64))
-        return self._scalar(float((u * u).sum()) / self.n)
+        return self._scalar(float((u * u).sum()) / self.n, v)
 
     def trace(self) -> Tensor:
         import dask.array as da
@@ -426,7 +449,7 @@ class PMatLowRankStored:
         import dask.array as da
 
         J = self.to_dask().astype(np.float64)
-        return torch.as_tensor(np.asarray(da.square(J).sum(axis=(0, 1)).compute()) / self.n).to(self.dtype)
+        return self.J._out(np.asarray(da.square(J).sum(axis=(0, 1)).compute()) / self.n)
 
     def frobenius_norm(self) -> Tensor:
         """``||J^T J||_F / n = ||J J^T||_F / n``, from the ``(c, B, c, B)`` blocks of ``J J^T``
@@ -443,7 +466,7 @@ class PMatLowRankStored:
 
         J = self.to_dask().astype(np.float64)
         M = np.asarray(da.tensordot(J, J, axes=([0, 1], [0, 1])).compute()) / self.n
-        return torch.as_tensor(M).to(self.dtype)
+        return self.J._out(M)
 
     def _gram_matmat(self, X: np.ndarray) -> np.ndarray:
         """``(J J^T / n) X`` for ``X`` ``(c n, l)``, two passes."""
@@ -472,8 +495,8 @@ class PMatLowRankStored:
         J = self.to_dask()
         V = np.stack([jac_rmv(J, U[:, j]) for j in range(k)], axis=1)
         V = V / np.sqrt(np.clip(w, 1e-300, None) * n)[None, :]
-        self.evals = torch.as_tensor(w[::-1].copy()).to(self.dtype)
-        self.evecs = torch.as_tensor(V[:, ::-1].copy()).to(self.dtype)
+        self.evals = self.J._out(w[::-1].copy())
+        self.evecs = self.J._out(V[:, ::-1].copy())
         return self.evals, self.evecs
 
     def get_eigendecomposition(self):

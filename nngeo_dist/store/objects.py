@@ -78,7 +78,7 @@ from .layout import (
     open_store,
     store_exists,
 )
-from .tiles import IncompleteStoreError
+from .tiles import IncompleteStoreError, as_numpy
 
 __all__ = [
     "save", "load", "check_output_path", "read_attrs", "is_saved_object",
@@ -715,10 +715,7 @@ def _create_nodes(store: zarr.Group, node: _Node, root_class: str) -> None:
 
 
 def _numpy(t: Tensor) -> np.ndarray:
-    x = t.detach()
-    if x.dtype == torch.bfloat16:
-        x = x.float()
-    return x.cpu().contiguous().numpy()
+    return np.ascontiguousarray(as_numpy(t))
 
 
 def _write(arr: zarr.Array, t: Tensor) -> None:

@@ -76,9 +76,13 @@ class IncompleteStoreError(RuntimeError):
 
 
 def as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
-    """numpy view/copy of ``x`` (numpy array, torch tensor on any device, dask array, list)."""
+    """numpy view/copy of ``x`` (numpy array, torch tensor on any device, dask array, list);
+    a bfloat16 tensor (numpy has no such dtype) comes as float32, exactly."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.cpu().numpy()
     elif hasattr(x, "compute") and not isinstance(x, np.ndarray):  # dask
         x = x.compute()
     return np.asarray(x, dtype=dtype)
