@@ -57,25 +57,28 @@ class PMatImplicit(PMatAbstract):
         m = 1
         for s in shape:
             m *= int(s)
+        # sums and counts travel in at least float32: a half-precision count rounds (bf16
+        # past 256 examples), and so would the carried CG scalars
+        acc = torch.promote_types(like.dtype, torch.float32)
 
         def local():
             totals, counts = [], []
             for _, gen, loader in self.terms:
                 with gen.replaying_draws():  # a Monte-Carlo term is the same matrix every pass
                     total, count = per_term(gen, loader)
-                totals.append(total.reshape(-1).to(like.dtype))
+                totals.append(total.reshape(-1).to(acc))
                 counts.append(float(count))
-            return torch.cat(totals + [like.new_tensor(counts)]), 0
+            return torch.cat(totals + [torch.tensor(counts, dtype=acc, device=like.device)]), 0
 
         def template():
-            return like.new_zeros(k * m + k)
+            return like.new_zeros(k * m + k, dtype=acc)
 
         flat, _, carried = sum_local_pass(local, template, self.group, carry)
         counts = flat[k * m:]
         if bool((counts == 0).any()):
             raise no_example_error()
         out = sum(coef * flat[i * m:(i + 1) * m] / counts[i] for i, (coef, _, _) in enumerate(self.terms))
-        return out.reshape(shape), carried
+        return out.reshape(shape).to(like.dtype), carried
 
     def _mv_flat(self, x: Tensor, carry=()):
         tangents = self._tangents(x)

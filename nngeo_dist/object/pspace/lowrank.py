@@ -184,8 +184,10 @@ class PMatLowRank(PMatAbstract):
         with collective_errors(self.group):
             if stacked is not None:
                 evals, evecs = _nonzero_spectrum(stacked, self.n, m, d)
-        r = broadcast_from(None if evals is None else J.new_tensor([evals.numel()]), 0, self.group,
-                           shape=(1,), dtype=J.dtype, device=J.device)
+        # the rank as an integer: in J's dtype a half-precision J would round it (bf16 past
+        # 256), and ranks would then wait for buffers of different sizes
+        r = broadcast_from(None if evals is None else torch.tensor([evals.numel()], device=J.device),
+                           0, self.group, shape=(1,), dtype=torch.int64, device=J.device)
         r = int(r.item())
         self.evals = broadcast_from(evals, 0, self.group, shape=(r,), dtype=J.dtype, device=J.device)
         self.evecs = broadcast_from(evecs, 0, self.group, shape=(d, r), dtype=J.dtype, device=J.device)
