@@ -323,5 +323,5 @@ def test_sharded_fvector_rules():
         assert torch.equal(out["minus_sharded"], -out["local"])
         assert (out["gather1"] is None) == (rank != 1)
         assert "sharded as [4, 4] examples per rank, the matrix as [4, 3]" in out["mismatch"]
-        assert "(all examples) or a ShardedFVector" in out["bad_shape"]
+        assert "(all examples, or flat (21,)) or a ShardedFVector; got shape (3, 6)" in out["bad_shape"]
     assert torch.equal(per_rank[1]["gather1"], whole)

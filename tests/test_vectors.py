@@ -93,8 +93,8 @@ def test_constructor_errors():
         PVector(lc, vector_repr=torch.zeros(lc.numel()), dict_repr=PVector.from_model(model).to_dict())
     with pytest.raises(ValueError, match=f"d={lc.numel()}"):
         PVector(lc, vector_repr=torch.zeros(lc.numel() + 1))
-    with pytest.raises(ValueError, match=r"\(c, n\)"):
-        FVector(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"\(c, n\), or flat \(c n,\)"):
+        FVector(torch.zeros(2, 5, 1))  # a flat (c n,) one is nngeometry 0.4's, accepted
 
 
 # ------------------------------------------------------------------------------------------

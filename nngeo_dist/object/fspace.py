@@ -50,7 +50,7 @@ from .groupops import (
     held_group,
     refuse_store,
 )
-from .pspace.base import picklable_state
+from .pspace.base import check_impl, picklable_state
 from .vector import FVector
 from ..generator.generator import is_empty_batch
 from ..generator.gram import extent as gram_extent
@@ -154,13 +154,7 @@ def local_part(v, layout: RowLayout, c: Optional[int] = None) -> Tensor:
                 f"matrix as {list(layout.counts)}: build both from the same shards"
             )
         return v.local
-    x = v.to_torch() if isinstance(v, FVector) else v
-    if x.dim() != 2 or x.shape[1] != layout.n or (c is not None and x.shape[0] != c):
-        raise ValueError(
-            f"expected an FVector of shape ({c if c is not None else 'c'}, {layout.n}) "
-            f"(all examples) or a ShardedFVector; got shape {tuple(x.shape)}"
-        )
-    return x[:, layout.local_slice()]
+    return _whole_tensor(v, layout, c)[:, layout.local_slice()]
 
 
 def whole(v, layout: RowLayout, c: Optional[int] = None) -> Tensor:
@@ -170,10 +164,20 @@ def whole(v, layout: RowLayout, c: Optional[int] = None) -> Tensor:
     if isinstance(v, ShardedFVector):
         local_part(v, layout, c)  # checks the layout
         return v.to_torch()
+    return _whole_tensor(v, layout, c)
+
+
+def _whole_tensor(v, layout: RowLayout, c: Optional[int]) -> Tensor:
+    """(c, n) of a whole (not sharded) FVector or tensor. A flat (c n,) one, which
+    nngeometry 0.4's ``FMatDense.vTMv`` and ``PFMapDense.vjp`` read as the (c, n)
+    output-major, is read so here too (its c is the object's)."""
     x = v.to_torch() if isinstance(v, FVector) else v
+    if x.dim() == 1 and c is not None and x.numel() == c * layout.n:
+        return x.view(c, layout.n)
     if x.dim() != 2 or x.shape[1] != layout.n or (c is not None and x.shape[0] != c):
         raise ValueError(
-            f"expected an FVector of shape ({c if c is not None else 'c'}, {layout.n}) or a "
+            f"expected an FVector of shape ({c if c is not None else 'c'}, {layout.n}) (all "
+            f"examples{'' if c is None else f', or flat ({c * layout.n},)'}) or a "
             f"ShardedFVector; got shape {tuple(x.shape)}"
         )
     return x
@@ -423,10 +427,15 @@ class FMatDense:
 
         return all_gather_rows(self._local_diag(), dim=1, group=self.group).reshape(-1)
 
-    def compute_eigendecomposition(self):
+    def compute_eigendecomposition(self, impl: str = "eigh"):
         """Eigenvalues ascending (c n,), eigenvectors as columns (c n, c n). In a group the
         whole matrix is gathered on rank 0, decomposed there and broadcast, so that every
-        rank holds the same bits."""
+        rank holds the same bits.
+
+        ``impl`` exists for nngeometry 0.4 code: "eigh" and "svd" are accepted and both
+        give this symmetric eigendecomposition (ascending, unlike 0.4's svd order); any
+        other value raises ValueError."""
+        check_impl("FMatDense", "compute_eigendecomposition", impl, ("eigh", "svd"))
         if self.group is None:
             M = self._matrix()
             self.evals, self.evecs = torch.linalg.eigh((M + M.t()) / 2)

@@ -12,7 +12,7 @@ rank and ``gather(dst)`` gives a one-process object (both collective).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -172,6 +172,12 @@ class PushForwardDense(_RowShardedJacobian):
     def vjp(self, u: FVector) -> PVector:
         """J^T u summed over every example (reduced over the group)."""
         return self._pullback(u)
+
+    def iter_by_module(self) -> Iterator[tuple[str, tuple]]:
+        """(layer name, (weight,) or (weight, bias)) for each layer, in flat order: views of
+        J, each (c, n, *its parameter's shape) — this rank's rows (c, n_r, ...) in a
+        group — as nngeometry 0.4's ``PFMapDense.iter_by_module``."""
+        yield from self.layer_collection.split_last_dim(self.data).items()
 
     def __rmul__(self, x) -> "PushForwardDense":
         return self._like(PushForwardDense, x * self.data)

@@ -114,16 +114,7 @@ class PVector:
         if self._dict is not None:
             return self._dict
         if self._dict_view is None:
-            d = OrderedDict()
-            for name, layer in self.layer_collection.layers.items():
-                start = self.layer_collection.p_pos[name]
-                w = self._flat[start:start + layer.weight_numel].view(layer.weight_shape)
-                if layer.has_bias:
-                    b = self._flat[start + layer.weight_numel:start + layer.numel()].view(layer.bias_shape)
-                    d[name] = (w, b)
-                else:
-                    d[name] = (w,)
-            self._dict_view = d
+            self._dict_view = self.layer_collection.split_last_dim(self._flat)
         return self._dict_view
 
     to_torch = get_flat_representation
@@ -199,15 +190,25 @@ class PVector:
 
 
 class FVector:
-    """A vector of function space: one value per output and example, shape (c, n)."""
+    """A vector of function space: one value per output and example, shape (c, n).
+
+    As in nngeometry 0.4 it may also be given flat, (c n,) output-major (0.4's
+    ``FMatDense.vTMv`` and ``PFMapDense.vjp`` read it so): it is kept as given, and the
+    operations of an object that knows c (Gram ``mv`` / ``vTMv``, pull-backs) read it as
+    (c, n)."""
 
     def __init__(self, vector_repr: Tensor):
-        if vector_repr.dim() != 2:
-            raise ValueError(f"an FVector is (c, n); got shape {tuple(vector_repr.shape)}")
+        if vector_repr.dim() not in (1, 2):
+            raise ValueError(f"an FVector is (c, n), or flat (c n,); got shape {tuple(vector_repr.shape)}")
         self._flat = vector_repr
 
+    @property
+    def vector_repr(self) -> Tensor:
+        """The tensor this vector was built from (nngeometry 0.4's attribute)."""
+        return self._flat
+
     def get_flat_representation(self) -> Tensor:
-        """(c, n)."""
+        """(c, n), or (c n,) for a vector given flat."""
         return self._flat
 
     to_torch = get_flat_representation

@@ -7,7 +7,8 @@ the global example count and does whatever needs the whole (eigendecompositions)
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -17,6 +18,26 @@ from ...generator.statistics import Statistics
 from ...layercollection import LayerCollection
 from ..vector import PVector
 
+if TYPE_CHECKING:  # map.py imports this module
+    from ..map import PushForwardDense
+
+
+def _solving_push_forwards(solve):
+    """``solve`` of a representation, also taking nngeometry 0.4's other right-hand side, a
+    PushForwardDense J, solved row by row with the same arguments (see
+    :meth:`PMatAbstract.solvePFMap`). ``functools.wraps`` keeps the signature visible to
+    ``inspect`` (``solvePVec`` reads whether ``solve`` takes ``impl``)."""
+
+    @functools.wraps(solve)
+    def wrapped(self, b, *args, **kw):
+        from ..map import PushForwardDense  # map.py imports this module
+
+        if isinstance(b, PushForwardDense):
+            return self._solve_push_forward(b, solve, args, kw)
+        return solve(self, b, *args, **kw)
+
+    return wrapped
+
 
 class PMatAbstract:
     """A d x d matrix of parameter space, d = layer_collection.numel()."""
@@ -24,6 +45,13 @@ class PMatAbstract:
     def __init__(self, layer_collection: LayerCollection, generator=None):
         self.layer_collection = layer_collection
         self.generator = generator
+
+    def __init_subclass__(cls, **kw):
+        # every representation's own solve accepts a PushForwardDense as nngeometry 0.4's
+        # does: wrapped here once rather than tested for in each of them
+        super().__init_subclass__(**kw)
+        if "solve" in cls.__dict__:
+            cls.solve = _solving_push_forwards(cls.__dict__["solve"])
 
     # building ---------------------------------------------------------------------------
     @classmethod
@@ -83,6 +111,34 @@ class PMatAbstract:
         self._check_impl("solvePVec", impl, ("default",))
         return self.solve(v, regul=regul, **kw)
 
+    def solvePFMap(self, J: "PushForwardDense", regul: float = 1e-8, impl: str = "default",
+                   **kw) -> "PushForwardDense":
+        """(M + regul I)^{-1} applied to every row J_k(x_i) (d,) of a PushForwardDense J
+        (c, n, d): a PushForwardDense of the same shape, as nngeometry 0.4's
+        ``solvePFMap``; ``impl`` and extra keywords as in :meth:`solvePVec` (whose
+        dispatch this shares: ``solve`` takes push-forwards too)."""
+        return self.solvePVec(J, regul=regul, impl=impl, **kw)
+
+    def _solve_push_forward(self, J: "PushForwardDense", solve: Callable, args: tuple, kw: dict) -> "PushForwardDense":
+        """``solve(self, row, *args, **kw)`` on each row of J (c, n, d) -> a
+        PushForwardDense (c, n, d); a representation that can solve many right-hand sides
+        at once overrides :meth:`_solve_rows`."""
+        if getattr(J, "group", None) is not None:
+            # each rank holds other rows, and a collective solve (a sharded PMatLowRank,
+            # PMatImplicit in a group) would be called a different number of times per rank
+            raise ValueError(
+                "solving a row-sharded push-forward (built in a process group) is not supported: "
+                "solve J.gather() (the whole J, on every rank)"
+            )
+        if J.layer_collection != self.layer_collection:
+            raise ValueError("the push-forward lives on another LayerCollection than this matrix")
+        rows = J.data.reshape(-1, J.data.shape[-1])
+        return J._like(type(J), self._solve_rows(rows, solve, args, kw).reshape(J.data.shape))
+
+    def _solve_rows(self, rows: Tensor, solve: Callable, args: tuple, kw: dict) -> Tensor:
+        """(m, d): ``solve`` (this class's own, unwrapped) on each row of ``rows`` (m, d)."""
+        return torch.stack([solve(self, self._vector(r), *args, **kw).to_torch() for r in rows])
+
     def inverse(self, regul: float = 1e-8) -> "PMatAbstract":
         raise self._no("inverse", "PMatDense, PMatDiag, PMatBlockDiag or PMatKFAC")
 
@@ -130,12 +186,7 @@ class PMatAbstract:
         )
 
     def _check_impl(self, op: str, impl, accepted) -> None:
-        """ValueError unless ``impl`` is one of the nngeometry 0.4 values ``accepted``."""
-        if impl not in accepted:
-            raise ValueError(
-                f"{type(self).__name__}.{op}: impl={impl!r} is not supported; accepted: "
-                + ", ".join(repr(a) for a in accepted)
-            )
+        check_impl(type(self).__name__, op, impl, accepted)
 
     def _check_vector(self, v: PVector) -> None:
         if not isinstance(v, PVector):
@@ -164,6 +215,17 @@ class PMatAbstract:
             )
         if other.layer_collection != self.layer_collection:
             raise ValueError("the two matrices live on different LayerCollections")
+
+
+def check_impl(owner: str, op: str, impl, accepted) -> None:
+    """ValueError unless ``impl`` is one of the nngeometry 0.4 values ``accepted`` for
+    ``owner.op`` (a class name and a method name, for the message). ``impl=`` exists for
+    0.4 code only: what is computed is ours whatever the accepted value."""
+    if impl not in accepted:
+        raise ValueError(
+            f"{owner}.{op}: impl={impl!r} is not supported; accepted: "
+            + ", ".join(repr(a) for a in accepted)
+        )
 
 
 def reduced_statistics(local: Callable[[], Statistics], group=None) -> Statistics:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..vector import PVector
 from .base import PMatAbstract, regularised_inverse, regularised_solve
 
 
 class PMatDense(PMatAbstract):
     """Stores M (d, d). Memory d^2; every operation exact."""
+
+    #: nngeometry 0.4's ``impl=`` values for ``solve``, all giving the one exact solve
+    SOLVE_IMPLS = ("default", "solve", "eigendecomposition")
 
     @classmethod
     def statistics_spec(cls, generator, layer_collection):
@@ -48,10 +52,22 @@ class PMatDense(PMatAbstract):
         """(M + regul I)^{-1} v, exactly (Cholesky). ``impl`` exists for nngeometry 0.4
         code: "solve", "eigendecomposition" (and "default") are accepted and all give
         this same exact solve; any other value raises ValueError."""
-        self._check_impl("solve", impl, ("default", "solve", "eigendecomposition"))
+        self._check_impl("solve", impl, self.SOLVE_IMPLS)
         self._check_vector(v)
         self._check_regul(regul)
         return self._vector(regularised_solve(self.data, v.to_torch(), regul))
+
+    def _solve_rows(self, rows, solve, args, kw):
+        """All rows (m, d) with one factorisation: ``solve``'s arguments bound as it
+        would bind them (so its checks and defaults apply), then one Cholesky solve."""
+        import inspect
+
+        bound = inspect.signature(solve).bind(self, None, *args, **kw)
+        bound.apply_defaults()
+        regul = bound.arguments["regul"]
+        self._check_impl("solve", bound.arguments["impl"], self.SOLVE_IMPLS)
+        self._check_regul(regul)
+        return regularised_solve(self.data, rows.t(), regul).t()
 
     def inverse(self, regul: float = 1e-8):
         self._check_regul(regul)
@@ -72,6 +88,21 @@ class PMatDense(PMatAbstract):
         if self.evals is None:
             self.compute_eigendecomposition()
         return self.evals, self.evecs
+
+    def project_to_diag(self, v: PVector) -> Tensor:
+        """U^T v (d,): the coordinates of ``v`` in the eigenbasis U of
+        :meth:`get_eigendecomposition` (computed on first need), in the order of its
+        eigenvalues (ascending), as nngeometry 0.4's ``PMatDense.project_to_diag``."""
+        self._check_vector(v)
+        return self.get_eigendecomposition()[1].t() @ v.to_torch()
+
+    def project_from_diag(self, x: Tensor) -> PVector:
+        """U x: the PVector whose eigenbasis coordinates are ``x`` (d,); the inverse of
+        :meth:`project_to_diag`, as nngeometry 0.4's ``PMatDense.project_from_diag``."""
+        evecs = self.get_eigendecomposition()[1]
+        if x.shape != (evecs.shape[1],):
+            raise ValueError(f"expected eigenbasis coordinates of shape ({evecs.shape[1]},); got {tuple(x.shape)}")
+        return self._vector(evecs @ x)
 
     def mm(self, other: "PMatDense") -> "PMatDense":
         """The matrix product M @ other (d, d), as nngeometry's ``PMatDense.mm``."""

@@ -15,7 +15,7 @@ import torch
 
 from ...generator.kfac import kfac_spec, kfe_diag_spec, kfe_diag_statistics
 from .base import PMatAbstract, reduced_statistics
-from .kfac import PMatKFAC, flat_perm, from_kfe, from_mat, singular, to_kfe, to_mat
+from .kfac import PMatKFAC, flat_perm, from_kfe, from_mat, singular, to_kfe, to_mat, unsplit
 
 
 def _check_diag_ok(d, regul, name, layer, what):
@@ -134,8 +134,11 @@ class PMatEKFAC(PMatAbstract):
             out.append(from_mat(l, m))
         return torch.cat(out)
 
-    def get_KFE(self) -> dict:
-        """layer -> the dense eigenbasis (numel, numel), rows in flat order."""
+    def get_KFE(self, split_weight_bias: bool = True) -> dict:
+        """layer -> the dense eigenbasis (numel, numel): rows in flat order, columns in the
+        row-major order of D (o, i'). ``split_weight_bias`` exists for nngeometry 0.4
+        code, as in :meth:`PMatKFAC.to_torch`: False orders the rows of a layer with a
+        bias as its (o, i') coefficient matrix row-major (the bias last in each row)."""
         evecs, _ = self.data
         out = OrderedDict()
         for n, l in self.layer_collection.layers.items():
@@ -143,15 +146,18 @@ class PMatEKFAC(PMatAbstract):
             o, i = l.math.kfac_dims(l, n)
             if ua is None:
                 ua = torch.eye(i, dtype=ug.dtype, device=ug.device)
-            out[n] = torch.kron(ug.contiguous(), ua.contiguous())[flat_perm(l, ug.device)]
+            kfe = torch.kron(ug.contiguous(), ua.contiguous())
+            out[n] = kfe if unsplit(l, split_weight_bias) else kfe[flat_perm(l, ug.device)]
         return out
 
-    def to_torch(self):
+    def to_torch(self, split_weight_bias: bool = True):
+        """The d x d matrix (block diagonal over layers); ``split_weight_bias``: the layout
+        of each layer's block, as in :meth:`get_KFE` (True: the flat order)."""
         evecs, diags = self.data
         d = self.layer_collection.numel()
         first = next(iter(diags.values()))
         M = torch.zeros(d, d, dtype=first.dtype, device=first.device)
-        for n, kfe in self.get_KFE().items():
+        for n, kfe in self.get_KFE(split_weight_bias).items():
             s, m = self.layer_collection.p_pos[n], kfe.shape[0]
             M[s:s + m, s:s + m] = (kfe * diags[n].reshape(-1)) @ kfe.t()
         return M

@@ -45,6 +45,14 @@ def flat_perm(layer, device) -> Tensor:
     return from_mat(layer, torch.arange(o * i, device=device).view(o, i))
 
 
+def unsplit(layer, split_weight_bias: bool) -> bool:
+    """Whether nngeometry 0.4's ``split_weight_bias=False`` layout applies to ``layer``:
+    its coefficients in the row-major (o, i') order of the factors (the bias as the last
+    entry of each output row) instead of the flat order. Only a layer with a bias differs,
+    so only such a layer is laid out so (as 0.4 does)."""
+    return not split_weight_bias and layer.has_bias
+
+
 def right(v: Tensor, a: Tensor) -> Tensor:
     """V A for a factor A stored full (i', i') or as its diagonal (i',)."""
     return v @ a if a.dim() == 2 else v * a
@@ -140,10 +148,15 @@ class PMatKFAC(PMatAbstract):
         return cls(layer_collection, data, generator, eig_dtype)
 
     # factors and eigendecompositions ---------------------------------------------------------
-    def compute_eigendecomposition(self, eig_dtype=None):
+    def compute_eigendecomposition(self, impl: str = "eigh", eig_dtype=None):
         """Eigendecompositions of every factor: returns (evals, evecs), two dicts layer ->
         (of A, of G); eigenvalues ascending for full factors, clipped at 0; an Embedding's
-        A is diagonal: its eigenvalues are its diagonal and its eigenvectors None."""
+        A is diagonal: its eigenvalues are its diagonal and its eigenvectors None.
+
+        ``impl`` exists for nngeometry 0.4 code: only "eigh" (0.4's one value) is
+        accepted; any other value raises ValueError. ``eig_dtype``: decompose in this
+        dtype (default: the one this matrix was built with, else the factors')."""
+        self._check_impl("compute_eigendecomposition", impl, ("eigh",))
         eig_dtype = eig_dtype or self.eig_dtype
         self.evals, self.evecs = OrderedDict(), OrderedDict()
         for name, (a, g) in self.data.items():
@@ -189,11 +202,15 @@ class PMatKFAC(PMatAbstract):
     def frobenius_norm(self):
         return torch.sqrt(sum((a * a).sum() * (g * g).sum() for a, g in self.data.values()))
 
-    def get_diag(self):
+    def get_diag(self, split_weight_bias: bool = True):
+        """The diagonal (d,). ``split_weight_bias`` exists for nngeometry 0.4 code, as in
+        :meth:`to_torch`: True is the flat order; False lays out each layer with a bias as
+        its (o, i') coefficient matrix row-major (the bias last in each output row)."""
         out = []
         for n, l, (a, g) in self._layers():
             da = a if a.dim() == 1 else torch.diagonal(a)
-            out.append(from_mat(l, torch.outer(torch.diagonal(g), da)))
+            m = torch.outer(torch.diagonal(g), da)
+            out.append(m.reshape(-1) if unsplit(l, split_weight_bias) else from_mat(l, m))
         return torch.cat(out)
 
     def to_torch(self, split_weight_bias: bool = True):
@@ -210,7 +227,7 @@ class PMatKFAC(PMatAbstract):
         for n, l, (a, g) in self._layers():
             full_a = torch.diag(a) if a.dim() == 1 else a
             s = self.layer_collection.p_pos[n]
-            if not split_weight_bias and l.has_bias:
+            if unsplit(l, split_weight_bias):
                 M[s:s + l.numel(), s:s + l.numel()] = torch.kron(g, full_a)
                 continue
             perm = flat_perm(l, g.device)
