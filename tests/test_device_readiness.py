@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nngeo_dist import FIM, GramMatrix
 from nngeo_dist.generator import capture
 from nngeo_dist.object import PMatDiag
-from nngeo_dist.object.stored import FMatStored, PMatLowRankStored
+from nngeo_dist.object.stored import PMatLowRankStored
 from nngeo_dist.object.vector import FVector, PVector
 from nngeo_dist.store.tiles import as_numpy
 
