@@ -292,18 +292,28 @@ class Capturer:
             log.info("vectorised backward unavailable (%s); one backward per output", e)
             self._batched = _BACKWARD_CHOICE[self.model] = False
             return False, _grads_looped(out, tensors, ks)
+        # At most one route's gradients (K x the layers' activations) are held at a time:
+        # the previous round's vectorised result is dropped before the next is made, and
+        # the looped route's per-output gradients are dropped as they come (a list of
+        # them, kept beside the vectorised ones, tripled the capture's memory).
         t_vec, t_loop = float("inf"), float("inf")
+        grads = None
         for _ in range(2):  # _clock waits for a GPU's queued kernels: else only launches are timed
+            grads = None
             t0 = _clock(out.device)
             grads = _grads_batched(out, tensors, ks)
             t1 = _clock(out.device)
-            looped = list(_grads_looped(out, tensors, ks))
+            for _gk in _grads_looped(out, tensors, ks):
+                pass
             t2 = _clock(out.device)
             t_vec, t_loop = min(t_vec, t1 - t0), min(t_loop, t2 - t1)
         self._batched = t_loop >= LOOP_MARGIN * t_vec
         _BACKWARD_CHOICE[self.model] = self._batched
         log.info("backward over %d outputs: vectorised %.4fs, looped %.4fs", len(ks), t_vec, t_loop)
-        return (True, grads) if self._batched else (False, looped)
+        if self._batched:
+            return True, grads
+        del grads
+        return False, _grads_looped(out, tensors, ks)  # the same numbers, made as consumed
 
 
 #: one backward per output is chosen only when it takes less than this fraction of the

@@ -449,16 +449,28 @@ class AffineMath(LayerMath):
         if self.has_bias(mod):
             out[..., o * i:].copy_(q.sum(dim=2))
 
+    def _output_squares(self, mod, chunks: list) -> Tensor:
+        """(N, o) sum over outputs k of the squared one-position output gradients, output
+        by output from ``chunks`` ((K_j, N, o) each, as held): neither a (K, N, o) copy
+        of the chunks nor a (K, N, o) temporary of their squares."""
+        s = None
+        for g in chunks:
+            for qk in self.positions(mod, g)[:, :, 0]:  # (N, o) per output
+                s = qk * qk if s is None else s.addcmul_(qk, qk)
+        return s
+
+    def _diag_one_position(self, mod, p: Tensor, s: Tensor) -> Tensor:
+        """Diagonal from the patches ``p`` (N, i) and :meth:`_output_squares` ``s``."""
+        w = self.oi_to_flat(s.t() @ (p * p))
+        if not self.has_bias(mod):
+            return w
+        return torch.cat([w, s.sum(dim=0)])
+
     def diag_held(self, mod, a, chunks):
         p = self.patches(mod, a)
         if p.shape[1] != 1:  # several positions: squares of sums need the gradients
             return self._squares_by_patches(mod, a, chunks, cross=False)[0]
-        q = self.positions(mod, _joined(chunks))[:, :, 0]
-        p = p[:, 0]
-        w = self.oi_to_flat((q * q).sum(0).t() @ (p * p))
-        if not self.has_bias(mod):
-            return w
-        return torch.cat([w, (q * q).sum(dim=(0, 1))])
+        return self._diag_one_position(mod, p[:, 0], self._output_squares(mod, chunks))
 
     def quasidiag_held(self, mod, a, chunks, layer):
         if self.weight_layout != "oi":
@@ -466,11 +478,11 @@ class AffineMath(LayerMath):
         p = self.patches(mod, a)
         if p.shape[1] != 1:
             return self._squares_by_patches(mod, a, chunks, cross=layer.has_bias)
-        d = self.diag_held(mod, a, chunks)
+        s = self._output_squares(mod, chunks)
+        d = self._diag_one_position(mod, p[:, 0], s)
         if not layer.has_bias:
             return d, None
-        q = self.positions(mod, _joined(chunks))[:, :, 0]
-        cross = (q * q).sum(0).t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
+        cross = s.t() @ p[:, 0]  # sum_kn g_o^2 p_i = d_{W[o,i]} d_{b[o]}
         return d, cross.reshape(-1)
 
     def patch_chunks(self, mod, a: Tensor) -> Iterator[tuple[slice, Tensor]]:
@@ -822,6 +834,31 @@ class ConvMath(AffineMath):
             for off, w in self._windows(mod, x[sl], size):
                 taps[(slice(None), slice(None), *off)].copy_(w)
             yield sl, p
+
+    # EKFAC's diagonal: the patches projected on A's eigenbasis chunk by chunk, like
+    # Diag's, so that the batch's patches (k^d times its input) and their projection are
+    # never held (they were, twice, through kfe_inputs)
+    def kfe_inputs(self, mod, a, evecs_a):
+        return None  # made per chunk of examples in kfe_diag_held
+
+    def kfe_diag_held(self, mod, a, chunks, evecs_a, evecs_g, inputs=None):
+        qs = [qk for g in chunks for qk in self.positions(mod, g)]  # (N, T, o) per output
+        pieces = self._projected_patch_chunks(mod, a, evecs_a)
+        return _square_sums_by_example_chunks(pieces, qs, right=evecs_g)[0].t()
+
+    def _projected_patch_chunks(self, mod, a, evecs_a):
+        """:meth:`patch_chunks` projected on ``evecs_a`` (i', i') (None: as they are), each
+        chunk into one reused buffer: (examples, (n_s, i', T))."""
+        buf = None
+        for sl, p in self.patch_chunks(mod, a):
+            if evecs_a is None:
+                yield sl, p
+                continue
+            if buf is None:  # the first chunk is the largest
+                buf = p.new_empty(p.shape)
+            out = buf[: p.shape[0]]
+            torch.matmul(evecs_a.t(), p, out=out)
+            yield sl, out
 
     def patches(self, mod, a):
         cols = self.patch_columns(mod, a)

@@ -535,8 +535,10 @@ class HookedWriter(TileWriter):
 class BackgroundWrites:
     """Tile writes on one background thread, overlapping the computation of the next tile.
 
-    ``submit(fn, *args)`` queues a write (at most ``depth`` waiting: memory stays bounded by
-    a few tiles); writes run in submission order. An exception raised by a write (disk
+    ``submit(fn, *args)`` queues a write once fewer than ``depth`` writes are queued or
+    running (with the default 1, it waits for the previous write to finish: memory holds
+    the tile being computed and the one being written, not a third one waiting between
+    them); writes run in submission order. An exception raised by a write (disk
     full, ...) is re-raised in the submitting thread by the next ``submit`` or by ``join``;
     later queued writes are dropped. Compression and file I/O release the GIL, so the write
     of tile k runs while tile k+1 is computed. ``threads=False`` writes synchronously.
@@ -549,22 +551,26 @@ class BackgroundWrites:
         self.error: Optional[BaseException] = None
         self.threaded = threads
         if threads:
-            self.q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+            self.q: "queue.Queue" = queue.Queue()
+            #: writes queued or running (a tile is held until its write returns)
+            self.slots = threading.BoundedSemaphore(max(1, depth))
             self.thread = threading.Thread(target=self._run, name="nngeo-tile-writer", daemon=True)
             self.thread.start()
 
     def _run(self) -> None:
         while True:
             item = self.q.get()
+            if item is None:
+                self.q.task_done()
+                return
             try:
-                if item is None:
-                    return
                 if self.error is None:
-                    fn, args = item
-                    fn(*args)
+                    item[0](*item[1])
             except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
                 self.error = e
             finally:
+                item = None  # the tile's references go before its slot is freed
+                self.slots.release()
                 self.q.task_done()
 
     def _raise(self) -> None:
@@ -577,6 +583,8 @@ class BackgroundWrites:
             fn(*args)
             return
         self._raise()
+        self.slots.acquire()
+        self._raise()  # the write that freed the slot may have failed
         self.q.put((fn, args))
 
     def join(self) -> None:
