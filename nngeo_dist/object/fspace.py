@@ -51,6 +51,7 @@ from .groupops import (
     refuse_store,
 )
 from .pspace.base import check_impl, picklable_state
+from .sums import sum_of_squares
 from .vector import FVector
 from ..generator.generator import is_empty_batch
 from ..generator.gram import extent as gram_extent
@@ -419,7 +420,7 @@ class FMatDense:
         return group_sum(self._local_diag().sum(), self.group)
 
     def frobenius_norm(self) -> Tensor:
-        return group_sum((self.data * self.data).sum(), self.group).sqrt()
+        return group_sum(sum_of_squares(self.data), self.group).sqrt()
 
     def get_diag(self) -> Tensor:
         """The diagonal of the (c n, c n) matrix, (c n,) output-major, on every rank."""

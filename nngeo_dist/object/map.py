@@ -143,8 +143,10 @@ class _RowShardedJacobian:
             )
 
     def _pullback(self, u) -> PVector:
-        c = self.data.shape[0]
-        x = torch.einsum("knd,kn->d", self.data, local_part(u, self.layout, c))
+        c, _, d = self.data.shape
+        # one transposed matrix-vector product over the (c n_r, d) rows (einsum adds
+        # its own dispatch and layout checks to the same BLAS call)
+        x = self.data.reshape(-1, d).t() @ local_part(u, self.layout, c).reshape(-1)
         return PVector(self.layer_collection, vector_repr=group_sum(x, self.group))
 
 

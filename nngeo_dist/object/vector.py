@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layercollection import LayerCollection
+from .sums import l2_norm
 
 
 class PVector:
@@ -183,7 +184,7 @@ class PVector:
         return torch.dot(self.to_torch(), other.to_torch())
 
     def norm(self, p: float = 2) -> Tensor:
-        return torch.linalg.vector_norm(self.to_torch(), ord=p)
+        return l2_norm(self.to_torch()) if p == 2 else torch.linalg.vector_norm(self.to_torch(), ord=p)
 
     def __repr__(self) -> str:
         return f"PVector(d={self.layer_collection.numel()})"
@@ -228,7 +229,7 @@ class FVector:
         return (self._flat * other.to_torch()).sum()
 
     def norm(self, p: float = 2) -> Tensor:
-        return torch.linalg.vector_norm(self._flat.reshape(-1), ord=p)
+        return l2_norm(self._flat) if p == 2 else torch.linalg.vector_norm(self._flat.reshape(-1), ord=p)
 
     def size(self) -> torch.Size:
         return self._flat.shape

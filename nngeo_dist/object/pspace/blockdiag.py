@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 
 from .base import PMatAbstract, regularised_inverse, regularised_solve
+from ..sums import sum_of_squares
 
 
 class PMatBlockDiag(PMatAbstract):
@@ -39,7 +40,7 @@ class PMatBlockDiag(PMatAbstract):
         return sum(torch.trace(b) for b in self.data.values())
 
     def frobenius_norm(self):
-        return torch.sqrt(sum((b * b).sum() for b in self.data.values()))
+        return torch.sqrt(sum(sum_of_squares(b) for b in self.data.values()))
 
     def get_diag(self):
         return torch.cat([torch.diagonal(b) for b in self.data.values()])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sums import l2_norm
 from .base import PMatAbstract
 
 
@@ -35,7 +36,7 @@ class PMatDiag(PMatAbstract):
         return self.data.sum()
 
     def frobenius_norm(self):
-        return torch.linalg.vector_norm(self.data)
+        return l2_norm(self.data)
 
     def get_diag(self):
         return self.data

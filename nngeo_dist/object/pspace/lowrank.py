@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ...generator.statistics import no_example_error
 from .base import PMatAbstract
+from ..sums import l2_norm, sum_of_squares
 from ..groupops import (
     RowLayout,
     check_model,
@@ -35,13 +36,16 @@ from ..groupops import (
 def _nonzero_spectrum(rows: Tensor, n: int, m: int, d: int):
     """Eigenvalues ascending and eigenvectors (d, r) of rows^T rows / n, dropping the
     eigenvalues that are zero to working precision (<= max * max(m, d) * eps)."""
-    _, s, vh = torch.linalg.svd(rows / n ** 0.5, full_matrices=False)
-    evals, evecs = (s * s).flip(0), vh.flip(0).t()
-    if evals.numel():
-        cut = evals.max() * max(m, d) * torch.finfo(evals.dtype).eps
-        keep = evals > cut
-        evals, evecs = evals[keep], evecs[:, keep]
-    return evals.contiguous(), evecs.contiguous()
+    # rows are not scaled (a copy of J): the singular values are; the kept vectors are
+    # reversed into ascending order and laid out (d, r) by one gather
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    evals = s * s / n  # descending
+    r = evals.numel()
+    if r:
+        cut = evals[0] * max(m, d) * torch.finfo(evals.dtype).eps
+        r = int((evals > cut).sum())  # a prefix: the values descend
+    ascending = torch.arange(r - 1, -1, -1, device=vh.device)
+    return evals[:r].flip(0), vh[:r].t()[:, ascending]
 
 
 class PMatLowRank(PMatAbstract):
@@ -94,10 +98,10 @@ class PMatLowRank(PMatAbstract):
         return self._sum(torch.dot(Jv, Jv)) / self.n
 
     def trace(self):
-        return self._sum((self.data * self.data).sum()) / self.n
+        return self._sum(sum_of_squares(self.data)) / self.n
 
     def get_diag(self):
-        return self._sum((self.data * self.data).sum(dim=(0, 1))) / self.n
+        return self._sum(sum_of_squares(self._rows(), dim=0)) / self.n
 
     def to_torch(self):
         """The d x d matrix, on every rank."""
@@ -135,10 +139,10 @@ class PMatLowRank(PMatAbstract):
         m, d = sum(self._row_counts()), J.shape[1]
         if self.group is None:
             if J.shape[0] < J.shape[1]:
-                return torch.linalg.matrix_norm(J @ J.t()) / self.n  # ||J^T J|| = ||J J^T||
-            return torch.linalg.matrix_norm(self.to_torch())
+                return l2_norm(J @ J.t()) / self.n  # ||J^T J|| = ||J J^T||
+            return l2_norm(self.to_torch())
         if m >= d:
-            return torch.linalg.matrix_norm(self.to_torch())
+            return l2_norm(self.to_torch())
         # ||J J^T||_F^2 = sum_{r,s} ||J_r J_s^T||^2 = sum_r ||J_r J_r^T||^2 + 2 sum_{r<s} ...
         from ...dist.exchange import broadcast_from
 

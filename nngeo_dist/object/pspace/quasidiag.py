@@ -27,7 +27,7 @@ class PMatQuasiDiag(PMatAbstract):
     def __init__(self, layer_collection, data: dict, generator=None):
         super().__init__(layer_collection, generator)
         self.data = OrderedDict((n, data[n]) for n in layer_collection.layers)
-        self._owners = {}
+        self._owner_runs = {}  # layer -> (owner, k): see _owner
 
     @classmethod
     def statistics_spec(cls, generator, layer_collection):
@@ -42,10 +42,32 @@ class PMatQuasiDiag(PMatAbstract):
 
     # plumbing -------------------------------------------------------------------------------
     def _owner(self, name, layer, device):
-        """(numel_w,) the bias coefficient each weight coefficient interacts with."""
-        if name not in self._owners:
-            self._owners[name] = layer.math.quasidiag_owner(layer).to(device)
-        return self._owners[name]
+        """(numel_w,) the bias coefficient each weight coefficient interacts with, and the
+        number k of coefficients per bias when they are contiguous runs (owner = 0 k
+        times, 1 k times, ...: Linear, Conv, normalisation layers), else None."""
+        cache = self.__dict__.setdefault("_owner_runs", {})  # absent in a matrix pickled before it existed
+        if name not in cache:
+            owner = layer.math.quasidiag_owner(layer).to(device)
+            b = layer.bias_numel
+            k = owner.numel() // b if b and owner.numel() % b == 0 else None
+            if k is not None and not torch.equal(owner, torch.arange(b, device=device).repeat_interleave(k)):
+                k = None
+            cache[name] = (owner, k)
+        return cache[name]
+
+    def _spread(self, name, layer, xb):
+        """(numel_w,): each weight coefficient's bias entry of ``xb`` (b,), i.e. xb[owner]
+        (contiguous runs: a broadcast, no index gather)."""
+        owner, k = self._owner(name, layer, xb.device)
+        return xb[owner] if k is None else xb.unsqueeze(1).expand(-1, k).reshape(-1)
+
+    def _sum_per_bias(self, name, layer, yw):
+        """(b,): the sum of ``yw`` (numel_w,) over each bias's weight coefficients
+        (contiguous runs: a row sum, no index_add's scatter)."""
+        owner, k = self._owner(name, layer, yw.device)
+        if k is None:
+            return yw.new_zeros(layer.bias_numel).index_add_(0, owner, yw)
+        return yw.reshape(-1, k).sum(1)
 
     def _split(self, name, layer, x):
         nw = layer.weight_numel
@@ -55,11 +77,10 @@ class PMatQuasiDiag(PMatAbstract):
         d, c = self.data[name]
         if c is None:
             return d * x
-        owner = self._owner(name, layer, x.device)
         xw, xb = self._split(name, layer, x)
         dw, db = self._split(name, layer, d)
-        yw = dw * xw + c * xb[owner]
-        yb = db * xb + torch.zeros_like(xb).index_add_(0, owner, c * xw)
+        yw = dw * xw + c * self._spread(name, layer, xb)
+        yb = db * xb + self._sum_per_bias(name, layer, c * xw)
         return torch.cat([yw, yb])
 
     def _per_layer(self, v, fn):
@@ -99,7 +120,7 @@ class PMatQuasiDiag(PMatAbstract):
             block = torch.diag(d)
             if c is not None:
                 nw = l.weight_numel
-                owner = self._owner(n, l, d.device)
+                owner = self._owner(n, l, d.device)[0]
                 rows = torch.arange(nw, device=d.device)
                 block[rows, nw + owner] = c
                 block[nw + owner, rows] = c
@@ -119,15 +140,14 @@ class PMatQuasiDiag(PMatAbstract):
             if c is None:
                 self._check_pivots(n, l, dr, tol, regul)
                 return x / dr
-            owner = self._owner(n, l, x.device)
             xw, xb = self._split(n, l, x)
             dw, db = self._split(n, l, dr)
             self._check_pivots(n, l, dw, tol, regul)
             cd = c / dw
-            s = db - torch.zeros_like(db).index_add_(0, owner, cd * c)
+            s = db - self._sum_per_bias(n, l, cd * c)
             self._check_pivots(n, l, s, tol, regul)
-            yb = (xb - torch.zeros_like(xb).index_add_(0, owner, cd * xw)) / s
-            yw = xw / dw - cd * yb[owner]
+            yb = (xb - self._sum_per_bias(n, l, cd * xw)) / s
+            yw = xw / dw - cd * self._spread(n, l, yb)
             return torch.cat([yw, yb])
 
         return self._per_layer(v, fn)
