@@ -133,6 +133,12 @@ def model_specs(quick: bool) -> dict:
 # ------------------------------------------------------------------------------ the two APIs
 
 
+#: object name -> its class name (the same in both libraries)
+REPR_CLASSES = {"dense": "PMatDense", "blockdiag": "PMatBlockDiag", "lowrank": "PMatLowRank",
+                "implicit": "PMatImplicit", "kfac": "PMatKFAC", "ekfac": "PMatEKFAC",
+                "diag": "PMatDiag", "quasidiag": "PMatQuasiDiag"}
+
+
 class Ours:
     """nngeo_dist's public API."""
 
@@ -145,9 +151,7 @@ class Ours:
         self.lib, self.obj = lib, obj
 
     def fim(self, model, loader, repr_name: str):
-        cls = {"dense": "PMatDense", "blockdiag": "PMatBlockDiag", "lowrank": "PMatLowRank",
-               "implicit": "PMatImplicit", "kfac": "PMatKFAC", "ekfac": "PMatEKFAC",
-               "diag": "PMatDiag", "quasidiag": "PMatQuasiDiag"}[repr_name]
+        cls = REPR_CLASSES[repr_name]
         F = self.lib.FIM(model, loader, getattr(self.obj, cls), variant="classif_logits", progress=False)
         if repr_name == "ekfac":
             F.update_diag(loader)
@@ -186,9 +190,7 @@ class NNGeo:
         self.lib, self.nm, self.no, self.PV, self.FV = nngeometry, nm, no, PVector, FVector
 
     def fim(self, model, loader, repr_name: str):
-        cls = {"dense": "PMatDense", "blockdiag": "PMatBlockDiag", "lowrank": "PMatLowRank",
-               "implicit": "PMatImplicit", "kfac": "PMatKFAC", "ekfac": "PMatEKFAC",
-               "diag": "PMatDiag", "quasidiag": "PMatQuasiDiag"}[repr_name]
+        cls = REPR_CLASSES[repr_name]
         F = self.nm.FIM(model=model, loader=loader, representation=getattr(self.no, cls))
         if repr_name == "ekfac":
             F.update_diag(loader)

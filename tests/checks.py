@@ -2,6 +2,7 @@
 import contextlib
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -27,6 +28,14 @@ def default_dtype(dtype):
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """torch's default dtype float64 within each test of a module that imports this
+    fixture (nngeometry allocates in it: its classif roots, matrices, random vectors)."""
+    with default_dtype(torch.float64):
+        yield
 
 
 def block_mask(lc) -> torch.Tensor:

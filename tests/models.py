@@ -114,6 +114,14 @@ def variant_of(c: int) -> str:
     return "classif_binary_logits" if c == 1 else "classif_logits"
 
 
+def fresh_pair(name: str = "linear"):
+    """(our model, nngeometry's model, loader, c): two identical fresh copies of a model of
+    :data:`MODELS` (nngeometry leaves hooks on a model after an error) and its batches."""
+    ours, batches, c = make(name)
+    theirs, _, _ = make(name)
+    return ours, theirs, loader_of(batches), c
+
+
 def loader_of(batches: List[tuple], batch_size: Optional[int] = None) -> DataLoader:
     """A DataLoader (no shuffling) over the concatenation of ``batches``, field by field.
 

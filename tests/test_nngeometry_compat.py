@@ -23,14 +23,14 @@ import nngeo_dist.object.map as map_module
 import nngeo_dist.object.vector as vector_module
 from nngeo_dist import FIM, FIM_MonteCarlo, GramMatrix, Jacobian, LayerCollection
 
-from checks import default_dtype, rel
+from checks import default_dtype, float64_default, rel  # noqa: F401 (an autouse fixture)
 
 try:
     from dist_harness import run_ranks
-    from models import loader_of, make
+    from models import fresh_pair, loader_of, make
 except ImportError:  # tests/ imported as a package
     from tests.dist_harness import run_ranks
-    from tests.models import loader_of, make
+    from tests.models import fresh_pair, loader_of, make
 
 ng = pytest.importorskip("nngeometry")
 import nngeometry.object.vector as ng_vector  # noqa: E402
@@ -46,19 +46,9 @@ RTOL = 1e-10
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """nngeometry allocates in torch's default dtype (its classif roots, random vectors)."""
-    with default_dtype(torch.float64):
-        yield
-
-
 def fresh(name="linear"):
-    """(our model, nngeometry's model, loader): two identical fresh copies (nngeometry
-    leaves hooks on a model after an error)."""
-    ours, batches, _ = make(name)
-    theirs, _, _ = make(name)
-    return ours, theirs, loader_of(batches)
+    """(our model, nngeometry's model, loader): see :func:`models.fresh_pair`."""
+    return fresh_pair(name)[:3]
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ import torch
 import nngeo_dist.object as O
 from nngeo_dist import FIM, GramMatrix, Jacobian, LayerCollection
 
-from checks import default_dtype, rel
+from checks import float64_default, rel  # noqa: F401 (an autouse fixture)
 
 try:
-    from models import NNGEOMETRY_SUPPORTED, loader_of, make
+    from models import NNGEOMETRY_SUPPORTED, fresh_pair, make
 except ImportError:  # tests/ imported as a package
-    from tests.models import NNGEOMETRY_SUPPORTED, loader_of, make
+    from tests.models import NNGEOMETRY_SUPPORTED, fresh_pair, make
 
 ng = pytest.importorskip("nngeometry")
 from nngeometry import GramMatrix as NGGramMatrix  # noqa: E402
@@ -49,19 +49,9 @@ RTOL = 1e-10
 pm = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """nngeometry allocates in torch's default dtype (its classif roots, its matrices)."""
-    with default_dtype(torch.float64):
-        yield
-
-
 def fresh(name="linear"):
-    """(our model, nngeometry's model, loader): two identical fresh copies (nngeometry
-    leaves hooks on a model after an error)."""
-    ours, batches, _ = make(name)
-    theirs, _, _ = make(name)
-    return ours, theirs, loader_of(batches)
+    """(our model, nngeometry's model, loader): see :func:`models.fresh_pair`."""
+    return fresh_pair(name)[:3]
 
 
 def vector_pair(lc, ng_lc, seed=3):
