@@ -139,7 +139,24 @@ REPR_CLASSES = {"dense": "PMatDense", "blockdiag": "PMatBlockDiag", "lowrank": "
                 "diag": "PMatDiag", "quasidiag": "PMatQuasiDiag"}
 
 
-class Ours:
+class _API:
+    """What both libraries spell the same: ``lib.GramMatrix``, ``lib.Jacobian``, and a
+    FIM built through :meth:`_fim` (EKFAC's diagonal then refitted by ``update_diag``)."""
+
+    def fim(self, model, loader, repr_name: str):
+        F = self._fim(model, loader, REPR_CLASSES[repr_name])
+        if repr_name == "ekfac":
+            F.update_diag(loader)
+        return F
+
+    def gram(self, model, loader):
+        return self.lib.GramMatrix(model, loader)
+
+    def jacobian(self, model, loader):
+        return self.lib.Jacobian(model, loader)
+
+
+class Ours(_API):
     """nngeo_dist's public API."""
 
     name = "ours"
@@ -150,18 +167,8 @@ class Ours:
 
         self.lib, self.obj = lib, obj
 
-    def fim(self, model, loader, repr_name: str):
-        cls = REPR_CLASSES[repr_name]
-        F = self.lib.FIM(model, loader, getattr(self.obj, cls), variant="classif_logits", progress=False)
-        if repr_name == "ekfac":
-            F.update_diag(loader)
-        return F
-
-    def gram(self, model, loader):
-        return self.lib.GramMatrix(model, loader)
-
-    def jacobian(self, model, loader):
-        return self.lib.Jacobian(model, loader)
+    def _fim(self, model, loader, cls: str):
+        return self.lib.FIM(model, loader, getattr(self.obj, cls), variant="classif_logits", progress=False)
 
     def pvector(self, M, flat):
         return self.obj.PVector(M.layer_collection, vector_repr=flat)
@@ -176,7 +183,7 @@ class Ours:
         return M.compute_eigendecomposition()
 
 
-class NNGeo:
+class NNGeo(_API):
     """nngeometry 0.4: the same calls in its own API."""
 
     name = "nngeo"
@@ -189,18 +196,8 @@ class NNGeo:
 
         self.lib, self.nm, self.no, self.PV, self.FV = nngeometry, nm, no, PVector, FVector
 
-    def fim(self, model, loader, repr_name: str):
-        cls = REPR_CLASSES[repr_name]
-        F = self.nm.FIM(model=model, loader=loader, representation=getattr(self.no, cls))
-        if repr_name == "ekfac":
-            F.update_diag(loader)
-        return F
-
-    def gram(self, model, loader):
-        return self.lib.GramMatrix(model, loader)
-
-    def jacobian(self, model, loader):
-        return self.lib.Jacobian(model, loader)
+    def _fim(self, model, loader, cls: str):
+        return self.nm.FIM(model=model, loader=loader, representation=getattr(self.no, cls))
 
     def pvector(self, M, flat):
         return self.PV(layer_collection=M.generator.layer_collection, vector_repr=flat)
