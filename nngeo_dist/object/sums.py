@@ -15,13 +15,18 @@ import torch
 from torch import Tensor
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: entries per float32-accumulated dot (its error grows with the length)
 DOT_PIECE = 1 << 18
 
 
 def sum_of_squares(t: Tensor, dim: Optional[int] = None) -> Tensor:
     """sum t^2: over every entry (``dim=None``), or over the rows of a 2-d t (m, k)
-    (``dim=0``: a (k,) result)."""
+    (``dim=0``: a (k,) result). Half-precision tensors are summed in float32 (their
+    squares overflow float16 from 256, and its pieces' dots round), then rounded."""
+    if t.dtype in _HALF:
+        return sum_of_squares(t.float(), dim).to(t.dtype)
     if dim == 0:
         if t.dim() != 2:
             raise ValueError(f"dim=0 sums the rows of a 2-d tensor; got shape {tuple(t.shape)}")
@@ -53,6 +58,8 @@ def l2_norm(t: Tensor) -> Tensor:
     autograd, torch's own norm (its backward is 0, not NaN, at t = 0)."""
     if t.requires_grad and torch.is_grad_enabled():
         return torch.linalg.vector_norm(t)
+    if t.dtype in _HALF:  # the sum of squares may overflow where the norm does not
+        return sum_of_squares(t.float()).sqrt().to(t.dtype)
     return sum_of_squares(t).sqrt()
 
 

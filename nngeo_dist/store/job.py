@@ -584,7 +584,9 @@ class BackgroundWrites:
             return
         self._raise()
         self.slots.acquire()
-        self._raise()  # the write that freed the slot may have failed
+        if self.error is not None:  # the write that freed the slot failed: give the slot
+            self.slots.release()    # back (no write takes it), then report the failure
+            self._raise()
         self.q.put((fn, args))
 
     def join(self) -> None:
