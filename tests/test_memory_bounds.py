@@ -130,3 +130,28 @@ def test_background_writes_report_a_failed_write():
         with BackgroundWrites() as writes:
             for i in range(4):
                 writes.submit(fail, i)
+
+
+def test_background_writes_slot_released_when_submit_reports_a_failed_write():
+    """A submit that waited for the slot of a write that failed re-raises its error; the
+    slot it took must go back, else the next submit (after handling the error, e.g. a
+    retry) waits forever."""
+    import threading
+    import time
+
+    from nngeo_dist.store.job import BackgroundWrites
+
+    def bad():
+        time.sleep(0.05)
+        raise OSError("disk full")
+
+    done = []
+    w = BackgroundWrites(depth=1)
+    w.submit(bad)
+    with pytest.raises(OSError):
+        w.submit(done.append, 1)  # waits for bad's slot, then reports its failure
+    t = threading.Thread(target=lambda: (w.submit(done.append, 2), w.join()), daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "submit after a reported failure hangs: its slot was never released"
+    assert done == [2]

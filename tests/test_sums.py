@@ -1,9 +1,10 @@
-"""Float32 results that sum many numbers stay accurate, and PMatDense's kept Cholesky
-factor never answers for another matrix.
+"""Float32 and half-precision results that sum many numbers stay accurate, and PMatDense's
+kept Cholesky factor never answers for another matrix.
 
 torch's norm kernels accumulate a large float32 tensor in float32 (1.6e-3 relative error on
-a 6000 x 6000 matrix): every Frobenius norm and 2-norm of the library sums squares in
-row chunks instead (:mod:`nngeo_dist.object.sums`). Oracle: the same numbers in float64.
+a 6000 x 6000 matrix): every Frobenius norm and 2-norm of the library adds float32 dots of
+pieces in float64 instead, and half precision in float32 (:mod:`nngeo_dist.object.sums`).
+Oracle: the same numbers in float64.
 """
 from __future__ import annotations
 
@@ -104,3 +105,18 @@ def test_dense_kept_factor_is_not_pickled():
     G = pickle.loads(pickle.dumps(F))
     assert G._factor is None
     assert rel(G.solve(v, 1e-2).to_torch(), _solved(F.data, v.to_torch(), 1e-2)) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_half_precision_norm_neither_overflows_nor_loses_precision(dtype, contiguous):
+    # entries of 300: their squares (9e4) overflow float16 (max 65504) though the norm
+    # (~1643) does not; torch's norm accumulates in float32
+    t = torch.full((30, 3), 300.0, dtype=dtype)
+    if not contiguous:
+        t = t.t()
+    ref = torch.linalg.vector_norm(t.double())
+    got = l2_norm(t)
+    assert got.dtype == dtype
+    assert torch.isfinite(got)
+    assert abs(got.double() - ref) <= 2 * torch.finfo(dtype).eps * ref
