@@ -46,8 +46,9 @@ class MeanOverDim(nn.Module):
         return x.mean(dim=self.dim)
 
 
-def _randomise(model: nn.Module, g: torch.Generator) -> None:
-    """Non-trivial affine parameters and running statistics for the normalisation layers."""
+def randomise_norms(model: nn.Module, g: torch.Generator) -> None:
+    """Non-trivial affine parameters and running statistics for the normalisation layers
+    (float64; those without parameters or running statistics are left as they are)."""
     norm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
     with torch.no_grad():
         for mod in model.modules():
@@ -56,7 +57,7 @@ def _randomise(model: nn.Module, g: torch.Generator) -> None:
                     mod.weight.copy_(1.0 + 0.3 * torch.randn(mod.weight.shape, generator=g, dtype=DTYPE))
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g, dtype=DTYPE))
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and mod.running_mean is not None:
                 mod.running_mean.copy_(0.3 * torch.randn(mod.running_mean.shape, generator=g, dtype=DTYPE))
                 mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g, dtype=DTYPE))
 
@@ -70,7 +71,7 @@ def _register(name: str, n_output: int, nngeometry: bool):
             torch.manual_seed(seed)  # default module initialisation
             model, make_x = build(g)
             model = model.to(DTYPE)
-            _randomise(model, g)
+            randomise_norms(model, g)
             model.eval()
             x = make_x(n, g)
             y = torch.randint(0, max(n_output, 2), (n,), generator=g)

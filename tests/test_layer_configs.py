@@ -27,7 +27,7 @@ from torch import nn
 
 import oracle
 from checks import block_mask, rel
-from models import MeanOverDim, loader_of
+from models import MeanOverDim, loader_of, randomise_norms
 
 from nngeo_dist import FIM, GramMatrix, Jacobian, LayerCollection
 from nngeo_dist.generator import layers as layer_kernels
@@ -43,21 +43,6 @@ from nngeo_dist.object import (
 RTOL = 1e-10
 DT = torch.float64
 N_EXAMPLES, BATCH = 5, 3  # batches of 3 and 2
-
-
-def _randomise(model: nn.Module, g: torch.Generator) -> None:
-    """Non-trivial affine parameters and running statistics of the normalisation layers."""
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, norms):
-                if getattr(mod, "weight", None) is not None:
-                    mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g, dtype=DT))
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g, dtype=DT))
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and mod.running_mean is not None:
-                mod.running_mean.copy_(0.3 * torch.randn(mod.running_mean.shape, generator=g, dtype=DT))
-                mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g, dtype=DT))
 
 
 def _head(c: int = 3):
@@ -147,7 +132,7 @@ def build(name: str):
     model.eval()
     with torch.no_grad():
         model(x[:2])  # materialise LazyLinear
-    _randomise(model, g)
+    randomise_norms(model, g)
     mods_by_name = dict(model.named_modules())
     for m in FROZEN.get(name, []):
         mods_by_name[m].requires_grad_(False)
