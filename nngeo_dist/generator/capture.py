@@ -297,13 +297,12 @@ class Capturer:
         # the looped route's per-output gradients are dropped as they come (a list of
         # them, kept beside the vectorised ones, tripled the capture's memory).
         t_vec, t_loop = float("inf"), float("inf")
-        grads = None
         for _ in range(2):  # _clock waits for a GPU's queued kernels: else only launches are timed
             grads = None
             t0 = _clock(out.device)
             grads = _grads_batched(out, tensors, ks)
             t1 = _clock(out.device)
-            for _gk in _grads_looped(out, tensors, ks):
+            for _ in _grads_looped(out, tensors, ks):  # each output's gradients dropped as they come
                 pass
             t2 = _clock(out.device)
             t_vec, t_loop = min(t_vec, t1 - t0), min(t_loop, t2 - t1)
